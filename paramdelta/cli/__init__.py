@@ -1,0 +1,1 @@
+"""The `pdelta` command line: one thin module per command group over the library API."""

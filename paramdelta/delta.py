@@ -1,0 +1,285 @@
+"""ParamΔ: Θ_out = Θ'_base + Σ_i α_i (Θ_post,i − Θ_base,i), streamed tensor by tensor.
+
+The main path reads top to bottom: open the inputs from their headers, plan every output
+tensor (pre-flight), then walk the new base's tensors in on-disk order, computing each in
+cache-sized chunks into preallocated buffers (fp32, or fp64 when an input is fp32), rounding
+once to the output dtype and handing the bytes to the streaming writer.
+
+>>> import paramdelta
+>>> paramdelta.apply("merged", post="org-instruct", base="org-base",    # doctest: +SKIP
+...                  new_base="org-base-v2")
+ApplyReport(out='merged', tensors=291, ...)
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .checkpoint import Checkpoint, torch_dtype
+from .errors import NonFiniteError, OptionError
+from .plan import Job, Plan, Term, describe_sources, input_paths, make_plan
+from .progress import progress_bar
+from .provenance import copy_tokenizer, input_record, model_card, shard_metadata, write_config
+from .writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter
+
+if TYPE_CHECKING:
+    import torch
+
+CHUNK_ELEMENTS = 1 << 18  # 1 MiB of fp32: stays in cache across the few passes per chunk
+POOL_BUFFERS = 8
+
+
+@dataclass
+class ApplyReport:
+    """What `apply` did: where it wrote, how much, and every deviation from the plain formula."""
+
+    out: str
+    tensors: int
+    bytes_written: int
+    seconds: float
+    formula: str
+    counts: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def apply(out: str | Path, *, new_base: str | Path, post: str | Path | None = None, base: str | Path | None = None,
+          alpha: float = 1.0, terms: Sequence[tuple[str | Path, str | Path, float]] = (),
+          deltas: Sequence[tuple[str | Path, float]] = (), dtype: str = "auto",
+          max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE, config_from: str = "new-base",
+          tokenizer_from: str = "post", new_token_policy: str = "copy-post", overwrite: bool = False,
+          allow_nonfinite: bool = False, allow_pickle: bool = False, allow_tie_mismatch: bool = False,
+          hash_inputs: bool = False, progress: bool = True) -> ApplyReport:
+    """Write new_base + Σ α·(post − base) (plus Σ α·stored delta) to `out`.
+
+    `post`/`base`/`alpha` give one term; `terms` gives more as (post, base, alpha) triples;
+    `deltas` adds (folder from `extract`, alpha) pairs. Nothing is written unless every
+    check passes, and a failure mid-way leaves no folder at `out`.
+
+    >>> apply("merged", post="inst", base="base", new_base="base-v2")          # doctest: +SKIP
+    >>> apply("mix", new_base="v2", terms=[("a", "base", 0.7), ("b", "base", 0.3)])  # doctest: +SKIP
+    """
+    start = time.perf_counter()
+    if config_from not in ("new-base", "post"):
+        raise OptionError(f"unknown --config-from {config_from!r}", hint="use new-base or post")
+    all_terms = ([(post, base, alpha)] if post is not None or base is not None else []) + list(terms)
+    for p, b, _ in all_terms:
+        if p is None or b is None:
+            raise OptionError("each --post needs a --base (and the other way round)",
+                              hint="pass them in pairs, in order")
+    opened: dict[str, Checkpoint] = {}
+
+    def open_(ref: str | Path) -> Checkpoint:
+        key = str(Path(ref).resolve())
+        if key not in opened:
+            opened[key] = Checkpoint.open(ref, allow_pickle=allow_pickle)
+        return opened[key]
+
+    nb = open_(new_base)
+    plan_terms = [Term(float(a), post=open_(p), base=open_(b)) for p, b, a in all_terms]
+    plan_terms += [Term(float(a), delta=open_(d)) for d, a in deltas]
+    plan = make_plan(nb, plan_terms, dtype=dtype, tokenizer_from=tokenizer_from,
+                     new_token_policy=new_token_policy, allow_tie_mismatch=allow_tie_mismatch)
+    formula = formula_text(plan)
+    records = [input_record("new_base", nb, str(new_base), hash_inputs)]
+    for i, (p, b, _) in enumerate(all_terms):
+        records += [input_record(f"post[{i}]", open_(p), str(p), hash_inputs),
+                    input_record(f"base[{i}]", open_(b), str(b), hash_inputs)]
+    for i, (d, _) in enumerate(deltas):
+        records.append(input_record(f"delta[{i}]", open_(d), str(d), hash_inputs))
+    alphas = [t.alpha for t in plan.terms]
+    meta = shard_metadata("merge", formula, alphas, records,
+                          {"config_from": config_from, "tokenizer_from": tokenizer_from,
+                           "new_token_policy": new_token_policy})
+    with CheckpointWriter(out, [j.out for j in plan.jobs], max_shard_size=max_shard_size, metadata=meta,
+                          overwrite=overwrite, inputs=input_paths(plan)) as writer:
+        counts = run_plan(plan, writer, allow_nonfinite=allow_nonfinite, progress=progress)
+        counts.update(plan.vocab_counts)
+        _write_side_files(plan, writer.dir, config_from, tokenizer_from, dtype, counts, formula,
+                          [str(new_base)] + [str(p) for p, _, _ in all_terms])
+        writer.commit()
+        written = writer.total_size
+    return ApplyReport(str(out), len(plan.jobs), written, time.perf_counter() - start, formula, counts, plan.notes)
+
+
+def formula_text(plan: Plan) -> str:
+    parts = []
+    for i, t in enumerate(plan.terms):
+        inner = f"post[{i}] - base[{i}]" if t.delta is None else f"delta[{i}]"
+        parts.append(f"{t.alpha:g}*({inner})")
+    return "new_base + " + " + ".join(parts)
+
+
+def run_plan(plan: Plan, writer: CheckpointWriter, *, allow_nonfinite: bool = False,
+             progress: bool = True) -> dict[str, int]:
+    """Compute every job in order and stream it to `writer`; returns counts by kind of tensor."""
+    import torch
+
+    counts = {"formula": 0, "copied from new base (non-float)": 0, "vocab-aligned": 0}
+    pools: dict[torch.dtype, queue.SimpleQueue] = {}
+    scratch: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    total = sum(j.out.nbytes for j in plan.jobs)
+    with progress_bar(total, "apply", enabled=progress) as bar:
+        for i, job in enumerate(plan.jobs):
+            if i + 1 < len(plan.jobs):
+                _advise(plan, plan.jobs[i + 1])
+            out_dtype = torch_dtype(job.out.dtype)
+            if out_dtype not in pools:
+                pools[out_dtype] = queue.SimpleQueue()
+                for _ in range(POOL_BUFFERS):
+                    pools[out_dtype].put(torch.empty(CHUNK_ELEMENTS, dtype=out_dtype))
+            math_dtype = torch.float64 if job.math_dtype == "F64" else torch.float32
+            if math_dtype not in scratch:
+                scratch[math_dtype] = tuple(torch.empty(CHUNK_ELEMENTS, dtype=math_dtype) for _ in range(3))
+            if job.mode == "copy":
+                _emit(writer, pools[out_dtype], plan.new_base.read(job.out.name).reshape(-1), bar)
+                counts["copied from new base (non-float)"] += 1
+                continue
+            if job.mode == "vocab":
+                from .rows import compute_vocab_rows
+
+                for block in compute_vocab_rows(plan, job, math_dtype, CHUNK_ELEMENTS):
+                    _check_finite(block, job, plan, allow_nonfinite)
+                    _emit(writer, pools[out_dtype], block.to(out_dtype).reshape(-1), bar)
+                counts["vocab-aligned"] += 1
+                continue
+            _formula(plan, job, scratch[math_dtype], pools[out_dtype], writer, bar, allow_nonfinite)
+            counts["formula"] += 1
+            _advise(plan, job, done=True)
+    return {k: v for k, v in counts.items() if v}
+
+
+def _formula(plan: Plan, job: Job, scratch, pool: queue.SimpleQueue, writer: CheckpointWriter, bar,
+             allow_nonfinite: bool) -> None:
+    """One tensor by the plain formula, in flat chunks (rows for low-rank terms)."""
+    acc_buf, tmp_buf, tmp2_buf = scratch
+    nb = plan.new_base.read(job.out.name)
+    row = math.prod(nb.shape[1:]) if nb.dim() > 1 else nb.numel()
+    lowrank = any(src[0] == "lowrank" for src in job.sources)
+    step = max(1, CHUNK_ELEMENTS // max(row, 1)) * row if lowrank else CHUNK_ELEMENTS
+    if step > CHUNK_ELEMENTS:  # a single row larger than a chunk: give this tensor its own buffers
+        acc_buf, tmp_buf, tmp2_buf = (b.new_empty(step) for b in scratch)
+    inputs = []
+    for term, src in zip(plan.terms, job.sources):
+        if src[0] == "diff":
+            inputs.append((term.alpha, "diff", term.post.read(src[1]).reshape(-1), term.base.read(src[2]).reshape(-1)))
+        elif src[0] == "full":
+            inputs.append((term.alpha, "full", term.delta.read(src[1]).reshape(-1), None))
+        else:
+            inputs.append((term.alpha, "lowrank", term.delta.read(src[1]), term.delta.read(src[2])))
+    flat_nb = nb.reshape(-1)
+    n_total = flat_nb.numel()
+    for s in range(0, n_total, step):
+        e = min(s + step, n_total)
+        n = e - s
+        acc = acc_buf[:n]
+        acc.copy_(flat_nb[s:e])
+        for alpha, kind, a, b in inputs:
+            if kind == "diff":
+                tmp, tmp2 = tmp_buf[:n], tmp2_buf[:n]
+                tmp.copy_(a[s:e])
+                tmp2.copy_(b[s:e])
+                tmp.sub_(tmp2)
+                acc.add_(tmp, alpha=alpha)
+            elif kind == "full":
+                tmp = tmp_buf[:n]
+                tmp.copy_(a[s:e])
+                acc.add_(tmp, alpha=alpha)
+            else:
+                r0, r1 = s // row, e // row
+                u = a[r0:r1].to(acc.dtype)
+                acc.view(r1 - r0, row).addmm_(u, b.to(acc.dtype), alpha=alpha)
+        if not math.isfinite(float(acc.sum())):
+            _check_finite(acc, job, plan, allow_nonfinite, (s, e))
+        out = pool.get()
+        if n > out.numel():
+            out = out.new_empty(n)
+        out[:n].copy_(acc)
+        if out.dtype == _float16() and not allow_nonfinite and not bool(out[:n].isfinite().all()):
+            raise NonFiniteError(f"{job.out.name}: values overflow float16 in the output",
+                                 hint="use --dtype bfloat16 or float32")
+        writer.write(out[:n], release=lambda o=out: pool.put(o) if o.numel() == CHUNK_ELEMENTS else None)
+        bar.update(n * out.element_size())
+
+
+def _check_finite(block: torch.Tensor, job: Job, plan: Plan, allow_nonfinite: bool,
+                  span: tuple[int, int] | None = None) -> None:
+    """Raise NonFiniteError naming the input that holds NaN/Inf (or the arithmetic, if none does)."""
+    if allow_nonfinite or bool(block.isfinite().all()):
+        return
+    name = job.out.name
+    s, e = span if span is not None else (0, None)
+    candidates = [("new base", plan.new_base, name)]
+    for term, src in zip(plan.terms, job.sources):
+        if src[0] == "diff":
+            candidates += [("post", term.post, src[1]), ("base", term.base, src[2])]
+        else:
+            candidates += [("delta", term.delta, n) for n in src[1:]]
+    for role, ck, tname in candidates:
+        t = ck.read(tname).reshape(-1)
+        if not bool(t[s:e].isfinite().all()) if span else not bool(t.isfinite().all()):
+            raise NonFiniteError(f"{role} {ck.tensors[tname].file}: tensor {tname!r} holds NaN or Inf",
+                                 hint="fix the input, or pass --allow-nonfinite to keep them")
+    raise NonFiniteError(f"{name}: the arithmetic overflowed to Inf", hint="check --alpha values")
+
+
+def _emit(writer: CheckpointWriter, pool: queue.SimpleQueue, flat: torch.Tensor, bar) -> None:
+    """Stream an already-computed flat tensor through the pool of output buffers."""
+    for s in range(0, flat.numel(), CHUNK_ELEMENTS):
+        piece = flat[s:s + CHUNK_ELEMENTS]
+        out = pool.get()
+        out[:piece.numel()].copy_(piece)
+        writer.write(out[:piece.numel()], release=lambda o=out: pool.put(o))
+        bar.update(piece.numel() * out.element_size())
+
+
+def _advise(plan: Plan, job: Job, done: bool = False) -> None:
+    """Read-ahead the next job's inputs, or drop a finished job's mapped pages."""
+    plan.new_base.advise(job.out.name, done=done)
+    for term, src in zip(plan.terms, job.sources):
+        if src[0] == "diff":
+            term.post.advise(src[1], done=done)
+            term.base.advise(src[2], done=done)
+        else:
+            for n in src[1:]:
+                term.delta.advise(n, done=done)
+
+
+def _float16():
+    import torch
+
+    return torch.float16
+
+
+def _write_side_files(plan: Plan, dst: Path, config_from: str, tokenizer_from: str, dtype: str,
+                      counts: dict[str, int], formula: str, refs: list[str]) -> None:
+    """config from one source, tokenizer from another, and a model card saying which."""
+    post_src = plan.terms[0].source
+    cfg_src = plan.new_base if config_from == "new-base" else post_src
+    tok_src = plan.new_base if tokenizer_from == "new-base" else post_src
+    updates: dict = {"tie_word_embeddings": plan.new_base.tie_word_embeddings}
+    if dtype != "auto":
+        updates["dtype"] = dtype
+    vocab_rows = [j.out.shape[0] for j in plan.jobs if j.mode == "vocab"]
+    if vocab_rows:
+        updates["vocab_size"] = vocab_rows[0]
+    if tok_src is not cfg_src:  # special-token ids must match the tokenizer we ship
+        updates.update({k: tok_src.config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                        if k in tok_src.config})
+    if cfg_src.config:
+        write_config(cfg_src.config, dst, updates)
+    copied = copy_tokenizer(tok_src.path, dst)
+    card = model_card(
+        base_models=[refs[0]] + refs[1:2], title="ParamΔ merge",
+        summary=[f"`Θ_out = {formula}` computed tensor by tensor in fp32/fp64 and rounded once.",
+                 "Post-training moved onto a new base with zero training (ParamΔ, arXiv 2504.21023)."],
+        sections={"Inputs": [f"- new base: `{refs[0]}`"] + [f"- post[{i}]: `{r}`" for i, r in enumerate(refs[1:])],
+                  "Where each part came from": [f"- {line}" for line in describe_sources(config_from, tokenizer_from)]
+                  + [f"- tokenizer files copied: {', '.join(copied) or 'none'}"],
+                  "Counts": [f"- {k}: {v}" for k, v in counts.items()] + [f"- note: {n}" for n in plan.notes]})
+    (dst / "README.md").write_text(card)

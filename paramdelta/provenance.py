@@ -1,0 +1,108 @@
+"""What an output records about how it was made: shard metadata, side files and the model card.
+
+Provenance goes into every shard's safetensors `__metadata__` (strings only, as the format
+requires) so a single shard found on its own still says where it came from; `pdelta verify`
+reads it back to recompute the output from its inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import TOKENIZER_FILES, Checkpoint
+
+TOOL = "paramdelta"
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as _v
+
+    try:
+        return _v("paramdelta")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def file_fingerprints(ckpt: Checkpoint, full_hash: bool = False) -> dict[str, dict[str, Any]]:
+    """Per shard: size and the sha256 of its header (cheap, identifies names/dtypes/shapes/offsets),
+    plus the sha256 of the whole file when asked (costs a full extra read)."""
+    out = {}
+    for shard in ckpt.shards:
+        entry: dict[str, Any] = {"size": shard.file.stat().st_size,
+                                 "header_sha256": hashlib.sha256(shard.header_bytes).hexdigest()}
+        if full_hash:
+            h = hashlib.sha256()
+            with open(shard.file, "rb") as f:
+                while chunk := f.read(16 << 20):
+                    h.update(chunk)
+            entry["sha256"] = h.hexdigest()
+        out[shard.file.name] = entry
+    return out
+
+
+def input_record(role: str, ckpt: Checkpoint, ref: str | None = None, full_hash: bool = False) -> dict[str, Any]:
+    """One input as provenance: its role, the reference the user gave, resolved path and file hashes."""
+    rec: dict[str, Any] = {"role": role, "ref": ref or str(ckpt.path), "path": str(ckpt.path.resolve()),
+                           "files": file_fingerprints(ckpt, full_hash)}
+    revision = ckpt.config.get("_pdelta_revision")
+    if revision:
+        rec["revision"] = revision
+    return rec
+
+
+def shard_metadata(kind: str, formula: str, alphas: list[float], inputs: list[dict[str, Any]],
+                   extra: dict[str, Any] | None = None) -> dict[str, str]:
+    """The `__metadata__` written into every output shard (all values are strings)."""
+    meta = {"pdelta_tool": TOOL, "pdelta_version": version(), "pdelta_kind": kind, "pdelta_formula": formula,
+            "pdelta_alpha": json.dumps(alphas), "pdelta_inputs": json.dumps(inputs)}
+    for k, v in (extra or {}).items():
+        meta[f"pdelta_{k}"] = v if isinstance(v, str) else json.dumps(v)
+    return meta
+
+
+def read_provenance(ckpt: Checkpoint) -> dict[str, Any]:
+    """The provenance fields of a paramdelta output, decoded; {} for anything else."""
+    meta = ckpt.metadata
+    out: dict[str, Any] = {}
+    for k, v in meta.items():
+        if k.startswith("pdelta_"):
+            try:
+                out[k.removeprefix("pdelta_")] = json.loads(v)
+            except ValueError:
+                out[k.removeprefix("pdelta_")] = v
+    return out
+
+
+def copy_tokenizer(src: Path, dst: Path) -> list[str]:
+    """Copy the tokenizer, chat template and generation config files that exist in `src`."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def write_config(config: dict[str, Any], dst: Path, updates: dict[str, Any]) -> None:
+    """Write config.json with `updates` applied (dtype, vocab size, tying) and private keys removed."""
+    cfg = {k: v for k, v in config.items() if not k.startswith("_pdelta")}
+    cfg.update({k: v for k, v in updates.items() if v is not None})
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def model_card(*, base_models: list[str], title: str, summary: list[str], sections: dict[str, list[str]],
+               tags: tuple[str, ...] = ("paramdelta", "merge"), relation: str = "merge") -> str:
+    """A Hub model card: YAML front matter the Hub understands, then what was done."""
+    front = ["---", "library_name: transformers", f"base_model_relation: {relation}", "base_model:"]
+    front += [f"- {json.dumps(m)}" for m in base_models]
+    front += ["tags:"] + [f"- {t}" for t in tags] + ["---", ""]
+    body = [f"# {title}", ""] + summary + [""]
+    for head, lines in sections.items():
+        body += [f"## {head}", ""] + lines + [""]
+    body += [f"Made with {TOOL} {version()}."]
+    return "\n".join(front + body) + "\n"
