@@ -14,6 +14,7 @@ ApplyReport(out='merged', tensors=291, ...)
 from __future__ import annotations
 
 import math
+import os
 import queue
 import time
 from collections.abc import Sequence
@@ -32,7 +33,8 @@ if TYPE_CHECKING:
     import torch
 
 CHUNK_ELEMENTS = 1 << 18  # 1 MiB of fp32: stays in cache across the few passes per chunk
-POOL_BUFFERS = 8
+OUT_ELEMENTS = 1 << 21  # output buffers handed to the writer thread (4 MiB of bf16)
+POOL_BUFFERS = 6
 
 
 @dataclass
@@ -121,90 +123,143 @@ def run_plan(plan: Plan, writer: CheckpointWriter, *, allow_nonfinite: bool = Fa
     import torch
 
     counts = {"formula": 0, "copied from new base (non-float)": 0, "vocab-aligned": 0}
-    pools: dict[torch.dtype, queue.SimpleQueue] = {}
-    scratch: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    bufs = _Buffers()
     total = sum(j.out.nbytes for j in plan.jobs)
-    with progress_bar(total, "apply", enabled=progress) as bar:
-        for i, job in enumerate(plan.jobs):
-            if i + 1 < len(plan.jobs):
-                _advise(plan, plan.jobs[i + 1])
-            out_dtype = torch_dtype(job.out.dtype)
-            if out_dtype not in pools:
-                pools[out_dtype] = queue.SimpleQueue()
-                for _ in range(POOL_BUFFERS):
-                    pools[out_dtype].put(torch.empty(CHUNK_ELEMENTS, dtype=out_dtype))
-            math_dtype = torch.float64 if job.math_dtype == "F64" else torch.float32
-            if math_dtype not in scratch:
-                scratch[math_dtype] = tuple(torch.empty(CHUNK_ELEMENTS, dtype=math_dtype) for _ in range(3))
-            if job.mode == "copy":
-                _emit(writer, pools[out_dtype], plan.new_base.read(job.out.name).reshape(-1), bar)
-                counts["copied from new base (non-float)"] += 1
-                continue
-            if job.mode == "vocab":
-                from .rows import compute_vocab_rows
+    threads = torch.get_num_threads()
+    # Leave a core to the writer thread and the kernel's page-cache copies on small machines.
+    torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 2) - 1)))
+    try:
+        with progress_bar(total, "apply", enabled=progress) as bar:
+            for i, job in enumerate(plan.jobs):
+                if i + 1 < len(plan.jobs):
+                    _prefetch(plan, plan.jobs[i + 1])
+                out = _OutStream(writer, bufs.pool(torch_dtype(job.out.dtype)), bar)
+                if job.mode == "copy":
+                    out.put(plan.new_base.read(job.out.name).reshape(-1))
+                    counts["copied from new base (non-float)"] += 1
+                elif job.mode == "vocab":
+                    from .rows import compute_vocab_rows
 
-                for block in compute_vocab_rows(plan, job, math_dtype, CHUNK_ELEMENTS):
-                    _check_finite(block, job, plan, allow_nonfinite)
-                    _emit(writer, pools[out_dtype], block.to(out_dtype).reshape(-1), bar)
-                counts["vocab-aligned"] += 1
-                continue
-            _formula(plan, job, scratch[math_dtype], pools[out_dtype], writer, bar, allow_nonfinite)
-            counts["formula"] += 1
-            _advise(plan, job, done=True)
+                    math_dtype = torch.float64 if job.math_dtype == "F64" else torch.float32
+                    for block in compute_vocab_rows(plan, job, math_dtype, CHUNK_ELEMENTS):
+                        _check_finite(block, job, plan, allow_nonfinite)
+                        out.put(block.reshape(-1))
+                    counts["vocab-aligned"] += 1
+                else:
+                    _formula(plan, job, bufs, out, allow_nonfinite)
+                    counts["formula"] += 1
+                out.flush()
+    finally:
+        torch.set_num_threads(threads)
     return {k: v for k, v in counts.items() if v}
 
 
-def _formula(plan: Plan, job: Job, scratch, pool: queue.SimpleQueue, writer: CheckpointWriter, bar,
-             allow_nonfinite: bool) -> None:
-    """One tensor by the plain formula, in flat chunks (rows for low-rank terms)."""
-    acc_buf, tmp_buf, tmp2_buf = scratch
-    nb = plan.new_base.read(job.out.name)
-    row = math.prod(nb.shape[1:]) if nb.dim() > 1 else nb.numel()
+class _Buffers:
+    """Preallocated chunk buffers, reused for every tensor so the hot loop allocates nothing."""
+
+    def __init__(self) -> None:
+        self._scratch: dict[tuple[str, object, int], torch.Tensor] = {}
+        self._pools: dict[object, queue.SimpleQueue] = {}
+
+    def get(self, slot: str, dtype: torch.dtype, n: int) -> torch.Tensor:
+        size = max(n, CHUNK_ELEMENTS)
+        key = (slot, dtype, size)
+        if key not in self._scratch:
+            import torch
+
+            self._scratch[key] = torch.empty(size, dtype=dtype)
+        return self._scratch[key][:n]
+
+    def pool(self, dtype: torch.dtype) -> queue.SimpleQueue:
+        if dtype not in self._pools:
+            import torch
+
+            self._pools[dtype] = queue.SimpleQueue()
+            for _ in range(POOL_BUFFERS):
+                self._pools[dtype].put(torch.empty(OUT_ELEMENTS, dtype=dtype))
+        return self._pools[dtype]
+
+
+class _OutStream:
+    """Packs computed chunks into large pooled output buffers and hands full ones to the writer."""
+
+    def __init__(self, writer: CheckpointWriter, pool: queue.SimpleQueue, bar) -> None:
+        self.writer, self.pool, self.bar = writer, pool, bar
+        self.buf: torch.Tensor | None = None
+        self.fill = 0
+
+    def put(self, chunk: torch.Tensor) -> None:
+        """Round `chunk` (any float dtype) into the output dtype and queue it."""
+        done = 0
+        while done < chunk.numel():
+            if self.buf is None:
+                self.buf, self.fill = self.pool.get(), 0
+            n = min(chunk.numel() - done, self.buf.numel() - self.fill)
+            self.buf[self.fill:self.fill + n].copy_(chunk[done:done + n])
+            self.fill += n
+            done += n
+            if self.fill == self.buf.numel():
+                self.flush()
+
+    def check_float16(self, name: str, allow_nonfinite: bool) -> None:
+        """fp16 output can overflow even when the math did not."""
+        if self.buf is not None and self.buf.dtype == _float16() and not allow_nonfinite:
+            if not bool(self.buf[:self.fill].isfinite().all()):
+                raise NonFiniteError(f"{name}: values overflow float16 in the output",
+                                     hint="use --dtype bfloat16 or float32")
+
+    def flush(self) -> None:
+        if self.buf is None or self.fill == 0:
+            return
+        buf, pool = self.buf, self.pool
+        self.writer.write(buf[:self.fill], release=lambda: pool.put(buf))
+        self.bar.update(self.fill * buf.element_size())
+        self.buf, self.fill = None, 0
+
+
+def _formula(plan: Plan, job: Job, bufs: _Buffers, out: _OutStream, allow_nonfinite: bool) -> None:
+    """One tensor by the plain formula, in flat chunks (whole rows when a term is low-rank)."""
+    import torch
+
+    math_dtype = torch.float64 if job.math_dtype == "F64" else torch.float32
+    name = job.out.name
+    nb_info = plan.new_base.tensors[name]
+    row = math.prod(nb_info.shape[1:]) if len(nb_info.shape) > 1 else max(nb_info.numel, 1)
     lowrank = any(src[0] == "lowrank" for src in job.sources)
-    step = max(1, CHUNK_ELEMENTS // max(row, 1)) * row if lowrank else CHUNK_ELEMENTS
-    if step > CHUNK_ELEMENTS:  # a single row larger than a chunk: give this tensor its own buffers
-        acc_buf, tmp_buf, tmp2_buf = (b.new_empty(step) for b in scratch)
-    inputs = []
+    step = max(1, CHUNK_ELEMENTS // row) * row if lowrank else CHUNK_ELEMENTS
+    # (checkpoint, tensor name) pairs to read per chunk, each into its own staging slot
+    reads = [(plan.new_base, name)]
     for term, src in zip(plan.terms, job.sources):
         if src[0] == "diff":
-            inputs.append((term.alpha, "diff", term.post.read(src[1]).reshape(-1), term.base.read(src[2]).reshape(-1)))
+            reads += [(term.post, src[1]), (term.base, src[2])]
         elif src[0] == "full":
-            inputs.append((term.alpha, "full", term.delta.read(src[1]).reshape(-1), None))
-        else:
-            inputs.append((term.alpha, "lowrank", term.delta.read(src[1]), term.delta.read(src[2])))
-    flat_nb = nb.reshape(-1)
-    n_total = flat_nb.numel()
+            reads.append((term.delta, src[1]))
+    factors = [(t.alpha, t.delta.read(src[1]), t.delta.read(src[2]).to(math_dtype))
+               for t, src in zip(plan.terms, job.sources) if src[0] == "lowrank"]
+    n_total = nb_info.numel
     for s in range(0, n_total, step):
-        e = min(s + step, n_total)
-        n = e - s
-        acc = acc_buf[:n]
-        acc.copy_(flat_nb[s:e])
-        for alpha, kind, a, b in inputs:
-            if kind == "diff":
-                tmp, tmp2 = tmp_buf[:n], tmp2_buf[:n]
-                tmp.copy_(a[s:e])
-                tmp2.copy_(b[s:e])
-                tmp.sub_(tmp2)
-                acc.add_(tmp, alpha=alpha)
-            elif kind == "full":
-                tmp = tmp_buf[:n]
-                tmp.copy_(a[s:e])
-                acc.add_(tmp, alpha=alpha)
-            else:
-                r0, r1 = s // row, e // row
-                u = a[r0:r1].to(acc.dtype)
-                acc.view(r1 - r0, row).addmm_(u, b.to(acc.dtype), alpha=alpha)
+        n = min(step, n_total - s)
+        staged = [ck.read_into(tname, s, bufs.get(f"in{k}", torch_dtype(ck.tensors[tname].dtype), n))
+                  for k, (ck, tname) in enumerate(reads)]
+        acc = bufs.get("acc", math_dtype, n).copy_(staged[0])
+        tmp = bufs.get("tmp", math_dtype, n)
+        k = 1
+        for term, src in zip(plan.terms, job.sources):
+            if src[0] == "diff":
+                tmp2 = bufs.get("tmp2", math_dtype, n)
+                tmp.copy_(staged[k]).sub_(tmp2.copy_(staged[k + 1]))
+                acc.add_(tmp, alpha=term.alpha)
+                k += 2
+            elif src[0] == "full":
+                acc.add_(tmp.copy_(staged[k]), alpha=term.alpha)
+                k += 1
+        for alpha, u, v in factors:
+            r0, r1 = s // row, (s + n) // row
+            acc.view(r1 - r0, row).addmm_(u[r0:r1].to(math_dtype), v, alpha=alpha)
         if not math.isfinite(float(acc.sum())):
-            _check_finite(acc, job, plan, allow_nonfinite, (s, e))
-        out = pool.get()
-        if n > out.numel():
-            out = out.new_empty(n)
-        out[:n].copy_(acc)
-        if out.dtype == _float16() and not allow_nonfinite and not bool(out[:n].isfinite().all()):
-            raise NonFiniteError(f"{job.out.name}: values overflow float16 in the output",
-                                 hint="use --dtype bfloat16 or float32")
-        writer.write(out[:n], release=lambda o=out: pool.put(o) if o.numel() == CHUNK_ELEMENTS else None)
-        bar.update(n * out.element_size())
+            _check_finite(acc, job, plan, allow_nonfinite, (s, s + n))
+        out.put(acc)
+        out.check_float16(name, allow_nonfinite)
 
 
 def _check_finite(block: torch.Tensor, job: Job, plan: Plan, allow_nonfinite: bool,
@@ -228,26 +283,16 @@ def _check_finite(block: torch.Tensor, job: Job, plan: Plan, allow_nonfinite: bo
     raise NonFiniteError(f"{name}: the arithmetic overflowed to Inf", hint="check --alpha values")
 
 
-def _emit(writer: CheckpointWriter, pool: queue.SimpleQueue, flat: torch.Tensor, bar) -> None:
-    """Stream an already-computed flat tensor through the pool of output buffers."""
-    for s in range(0, flat.numel(), CHUNK_ELEMENTS):
-        piece = flat[s:s + CHUNK_ELEMENTS]
-        out = pool.get()
-        out[:piece.numel()].copy_(piece)
-        writer.write(out[:piece.numel()], release=lambda o=out: pool.put(o))
-        bar.update(piece.numel() * out.element_size())
-
-
-def _advise(plan: Plan, job: Job, done: bool = False) -> None:
-    """Read-ahead the next job's inputs, or drop a finished job's mapped pages."""
-    plan.new_base.advise(job.out.name, done=done)
+def _prefetch(plan: Plan, job: Job) -> None:
+    """Start the kernel reading the next job's inputs while this one computes."""
+    plan.new_base.prefetch(job.out.name)
     for term, src in zip(plan.terms, job.sources):
         if src[0] == "diff":
-            term.post.advise(src[1], done=done)
-            term.base.advise(src[2], done=done)
+            term.post.prefetch(src[1])
+            term.base.prefetch(src[2])
         else:
             for n in src[1:]:
-                term.delta.advise(n, done=done)
+                term.delta.prefetch(n)
 
 
 def _float16():

@@ -133,6 +133,11 @@ def make_plan(new_base: Checkpoint, terms: list[Term], *, dtype: str = "auto", t
         jobs.append(job)
 
     problems += _extra_tensor_problems(new_base, terms, nb_tied, allow_tie_mismatch, notes)
+    arch = [p for p in problems if p.startswith("architecture mismatch")]
+    if arch:  # shape problems then follow from the architecture; name them by count only
+        shapes = [p for p in problems if ": shape " in p]
+        problems = [p for p in problems if p not in shapes] + (
+            [f"{len(shapes)} tensors differ in shape as a result"] if shapes else [])
     if problems:
         raise PreflightError(problems, hint="pass inputs that share one architecture, or see `pdelta inspect`")
     return Plan(new_base, terms, jobs, notes, vocab_counts)

@@ -96,9 +96,10 @@ def write_config(config: dict[str, Any], dst: Path, updates: dict[str, Any]) -> 
 
 
 def model_card(*, base_models: list[str], title: str, summary: list[str], sections: dict[str, list[str]],
-               tags: tuple[str, ...] = ("paramdelta", "merge"), relation: str = "merge") -> str:
+               tags: tuple[str, ...] = ("paramdelta", "merge"), relation: str | None = "merge") -> str:
     """A Hub model card: YAML front matter the Hub understands, then what was done."""
-    front = ["---", "library_name: transformers", f"base_model_relation: {relation}", "base_model:"]
+    front = ["---", "library_name: transformers"] + ([f"base_model_relation: {relation}"] if relation else [])
+    front += ["base_model:"]
     front += [f"- {json.dumps(m)}" for m in base_models]
     front += ["tags:"] + [f"- {t}" for t in tags] + ["---", ""]
     body = [f"# {title}", ""] + summary + [""]

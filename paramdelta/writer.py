@@ -241,7 +241,7 @@ class CheckpointWriter:
                 continue
             try:
                 if kind == "open":
-                    f = _close(f)
+                    f = _close(f, sync=False)
                     f = open(self.dir / self.names[item], "wb")
                     f.write(encode_header(self.shards[item], self.metadata))
                 elif kind == "data":
@@ -250,12 +250,15 @@ class CheckpointWriter:
                     if release is not None:
                         release()
                 elif kind == "close":
-                    f = _close(f)
+                    f = _close(f, sync=False)
+                    for name in self.names:  # one fsync per shard at the end; the kernel flushed the rest meanwhile
+                        _fsync_file(self.dir / name)
             except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
                 self._error = e
                 if kind == "data" and item[1] is not None:
                     item[1]()
-        _close(f, sync=False)
+                f = _close_quietly(f)
+        _close_quietly(f)
 
     def _stop_thread(self) -> None:
         if self._thread is not None and self._thread.is_alive():
@@ -279,6 +282,23 @@ def _close(f, sync: bool = True):
             os.fsync(f.fileno())
         f.close()
     return None
+
+
+def _close_quietly(f):
+    """Close after a failed write: the flush fails again, but the descriptor is released anyway."""
+    try:
+        _close(f, sync=False)
+    except OSError:
+        pass
+    return None
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
