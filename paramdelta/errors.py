@@ -50,3 +50,14 @@ class OptionError(PdeltaError):
 
 class NonFiniteError(PdeltaError):
     """NaN or Inf met in an input tensor or produced by the arithmetic."""
+
+
+class VerifyError(PdeltaError):
+    """`pdelta verify` found an output that does not match its inputs, or that cannot be checked.
+
+    `report` holds every check's result when the checks ran (None when they could not start).
+    """
+
+    def __init__(self, message: str, hint: str | None = None, report: dict | None = None):
+        super().__init__(message, hint)
+        self.report = report
