@@ -110,9 +110,12 @@ def apply(out: str | Path, *, new_base: str | Path, post: str | Path | None = No
 
 
 def formula_text(plan: Plan) -> str:
-    parts = []
-    for i, t in enumerate(plan.terms):
-        inner = f"post[{i}] - base[{i}]" if t.delta is None else f"delta[{i}]"
+    parts, pairs, deltas = [], 0, 0  # numbered like the provenance roles: post[i]/base[i], delta[j]
+    for t in plan.terms:
+        if t.delta is None:
+            inner, pairs = f"post[{pairs}] - base[{pairs}]", pairs + 1
+        else:
+            inner, deltas = f"delta[{deltas}]", deltas + 1
         parts.append(f"{t.alpha:g}*({inner})")
     return "new_base + " + " + ".join(parts)
 
@@ -133,7 +136,7 @@ def run_plan(plan: Plan, writer: CheckpointWriter, *, allow_nonfinite: bool = Fa
             for i, job in enumerate(plan.jobs):
                 if i + 1 < len(plan.jobs):
                     _prefetch(plan, plan.jobs[i + 1])
-                out = _OutStream(writer, bufs.pool(torch_dtype(job.out.dtype)), bar)
+                out = _OutStream(writer, bufs.pool(torch_dtype(job.out.dtype)), bar, job.out.name, allow_nonfinite)
                 if job.mode == "copy":
                     out.put(plan.new_base.read(job.out.name).reshape(-1))
                     counts["copied from new base (non-float)"] += 1
@@ -181,15 +184,21 @@ class _Buffers:
 
 
 class _OutStream:
-    """Packs computed chunks into large pooled output buffers and hands full ones to the writer."""
+    """Packs computed chunks into large pooled output buffers and hands full ones to the writer.
 
-    def __init__(self, writer: CheckpointWriter, pool: queue.SimpleQueue, bar) -> None:
+    Rounding to fp16 can overflow even when the math did not, so fp16 buffers are checked
+    for Inf right before they leave.
+    """
+
+    def __init__(self, writer: CheckpointWriter, pool: queue.SimpleQueue, bar, name: str,
+                 allow_nonfinite: bool) -> None:
         self.writer, self.pool, self.bar = writer, pool, bar
+        self.name, self.allow_nonfinite = name, allow_nonfinite
         self.buf: torch.Tensor | None = None
         self.fill = 0
 
     def put(self, chunk: torch.Tensor) -> None:
-        """Round `chunk` (any float dtype) into the output dtype and queue it."""
+        """Round `chunk` (any dtype) into the output dtype and queue it."""
         done = 0
         while done < chunk.numel():
             if self.buf is None:
@@ -201,17 +210,15 @@ class _OutStream:
             if self.fill == self.buf.numel():
                 self.flush()
 
-    def check_float16(self, name: str, allow_nonfinite: bool) -> None:
-        """fp16 output can overflow even when the math did not."""
-        if self.buf is not None and self.buf.dtype == _float16() and not allow_nonfinite:
-            if not bool(self.buf[:self.fill].isfinite().all()):
-                raise NonFiniteError(f"{name}: values overflow float16 in the output",
-                                     hint="use --dtype bfloat16 or float32")
-
     def flush(self) -> None:
         if self.buf is None or self.fill == 0:
             return
         buf, pool = self.buf, self.pool
+        if buf.dtype == _float16() and not self.allow_nonfinite and not bool(buf[:self.fill].isfinite().all()):
+            pool.put(buf)
+            self.buf = None
+            raise NonFiniteError(f"{self.name}: values overflow float16 in the output",
+                                 hint="use --dtype bfloat16 or float32")
         self.writer.write(buf[:self.fill], release=lambda: pool.put(buf))
         self.bar.update(self.fill * buf.element_size())
         self.buf, self.fill = None, 0
@@ -259,7 +266,6 @@ def _formula(plan: Plan, job: Job, bufs: _Buffers, out: _OutStream, allow_nonfin
         if not math.isfinite(float(acc.sum())):
             _check_finite(acc, job, plan, allow_nonfinite, (s, s + n))
         out.put(acc)
-        out.check_float16(name, allow_nonfinite)
 
 
 def _check_finite(block: torch.Tensor, job: Job, plan: Plan, allow_nonfinite: bool,
@@ -277,7 +283,8 @@ def _check_finite(block: torch.Tensor, job: Job, plan: Plan, allow_nonfinite: bo
             candidates += [("delta", term.delta, n) for n in src[1:]]
     for role, ck, tname in candidates:
         t = ck.read(tname).reshape(-1)
-        if not bool(t[s:e].isfinite().all()) if span else not bool(t.isfinite().all()):
+        whole = span is None or tname.endswith(("@U", "@V"))  # factors do not share the output's layout
+        if not bool((t if whole else t[s:e]).isfinite().all()):
             raise NonFiniteError(f"{role} {ck.tensors[tname].file}: tensor {tname!r} holds NaN or Inf",
                                  hint="fix the input, or pass --allow-nonfinite to keep them")
     raise NonFiniteError(f"{name}: the arithmetic overflowed to Inf", hint="check --alpha values")

@@ -53,15 +53,13 @@ def compute_vocab_rows(plan: Plan, job: Job, math_dtype: torch.dtype, chunk_elem
                 acc[ok] = acc[ok].add_(delta, alpha=alpha)
         for j in (~have).nonzero().flatten().tolist():
             acc[j] = nb_mean
-            for k, (alpha, post, base, pi, _) in enumerate(terms):
-                p = int(pi[r0 + j])
-                if p < 0:
-                    continue
-                if rm.policy == "copy-post":
-                    acc[j] = post[p].to(math_dtype)
-                elif rm.policy == "mean":
+            holders = [(k, t) for k, t in enumerate(terms) if int(t[3][r0 + j]) >= 0]
+            if rm.policy == "copy-post" and holders:
+                _, (_, post, _, pi, _) = holders[0]
+                acc[j] = post[int(pi[r0 + j])].to(math_dtype)
+            elif rm.policy == "mean":
+                for k, (alpha, post, base, pi, _) in holders:
                     if k not in base_means:
                         base_means[k] = mean_row(base, math_dtype, step)
-                    acc[j] += alpha * (post[p].to(math_dtype) - base_means[k])
-                break
+                    acc[j] += alpha * (post[int(pi[r0 + j])].to(math_dtype) - base_means[k])
         yield acc

@@ -4,12 +4,14 @@ Output rows follow the output tokenizer (the post model's by default). A row pre
 the new base and in a term's post and base follows the formula; a row the new base lacks
 (a chat token added in post-training) follows the new-token policy:
 
-- ``copy-post``: the post model's row as it is (default);
+- ``copy-post``: the post model's row as it is (the first term's post that has the token; default);
 - ``zero-delta``: the mean new-base row, i.e. the post-training delta of that row is dropped;
-- ``mean``: mean new-base row + α·(post row − mean base row), the delta taken against the mean.
+- ``mean``: mean new-base row + Σ α·(post row − mean base row) over the terms whose post has
+  the token, the delta taken against the mean.
 
-Rows that exist in the new base but not in the output tokenizer are not reachable and are
-dropped (counted in the report).
+A row the new base has but some term lacks gets the delta of the terms that have it. Rows
+that exist in an input but not in the output tokenizer are not reachable and are dropped;
+every class is counted in the report.
 """
 
 from __future__ import annotations
@@ -68,14 +70,18 @@ def build_row_map(out_keys: list[object], new_base_keys: list[object],
     nb = index_of(out_keys, new_base_keys)
     posts = [index_of(out_keys, p) for p, _ in terms]
     bases = [index_of(out_keys, b) for _, b in terms]
-    counts = {"formula": 0, "kept new base (missing in a post or base)": 0, f"new token ({policy})": 0,
-              "new base only, dropped": 0}
+    counts = {"formula": 0, "formula, from the terms that have the row": 0,
+              "kept new base (no term has the row)": 0, f"new token ({policy})": 0}
     for r in range(len(out_keys)):
         if nb[r] < 0:
             counts[f"new token ({policy})"] += 1
-        elif all(p[r] >= 0 and b[r] >= 0 for p, b in zip(posts, bases)):
-            counts["formula"] += 1
-        else:
-            counts["kept new base (missing in a post or base)"] += 1
-    counts["new base only, dropped"] = len(set(new_base_keys) - set(out_keys))
+            continue
+        present = [p[r] >= 0 and b[r] >= 0 for p, b in zip(posts, bases)]
+        key = "formula" if all(present) else (
+            "formula, from the terms that have the row" if any(present) else "kept new base (no term has the row)")
+        counts[key] += 1
+    out_set = set(out_keys)
+    counts["new base rows not in the output tokenizer, dropped"] = len(set(new_base_keys) - out_set)
+    for i, (p, _) in enumerate(terms):
+        counts[f"post[{i}] rows not in the output tokenizer, dropped"] = len(set(p) - out_set)
     return RowMap(len(out_keys), nb, posts, bases, policy, {k: v for k, v in counts.items() if v})
