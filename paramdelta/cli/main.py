@@ -12,7 +12,10 @@ import sys
 import typer
 
 from . import apply as apply_cmds
+from . import eval as eval_cmds
 from . import inspect as inspect_cmds
+from . import plugins as plugin_cmds
+from . import run as run_cmds
 
 app = typer.Typer(
     name="pdelta",
@@ -24,7 +27,10 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 apply_cmds.register(app)
+eval_cmds.register(app)
 inspect_cmds.register(app)
+plugin_cmds.register(app)
+run_cmds.register(app)
 
 
 def main() -> None:
@@ -32,7 +38,8 @@ def main() -> None:
     from ..errors import PdeltaError
 
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click returns typer.Exit's code instead of raising here
+        sys.exit(code if isinstance(code, int) else 0)
     except PdeltaError as e:
         if os.environ.get("PDELTA_DEBUG"):
             raise
