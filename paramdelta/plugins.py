@@ -4,7 +4,7 @@ A transform is any object with the members of `Transform` below (a protocol, no 
 class). Our own `cast` comes in through the same door a third-party package uses:
 
     [project.entry-points."paramdelta.transforms"]
-    cast = "paramdelta.transforms.cast:CastTransform"
+    cast = "paramdelta.builtin.cast:CastTransform"
 
 Discovery reads entry-point metadata only; a plugin's code is imported when it is used.
 Two plugins claiming one name is an error; an unknown name gets "did you mean".

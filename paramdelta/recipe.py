@@ -252,6 +252,8 @@ def run_recipe(recipe: Recipe, *, run_dir: str | Path | None = None, dry_run: bo
     started = from_step is None
     if from_step is not None:
         recipe.step(from_step)
+    _check_values(recipe, {**names, **outputs})
+    produced: set[str] = set()
     results = []
     for step in recipe.steps:
         out = outputs[step.id]
@@ -264,7 +266,8 @@ def run_recipe(recipe: Recipe, *, run_dir: str | Path | None = None, dry_run: bo
             continue
         opts = _resolve(step.raw, names)
         if dry_run:
-            results.append(StepResult(step.id, step.op, "planned", out, _plan(step.op, opts, out)))
+            results.append(StepResult(step.id, step.op, "planned", out, _plan(step.op, opts, produced)))
+            produced.add(out)
             continue
         fingerprint = _fingerprint(step.op, opts, run_dir)
         stamp = _stamp_path(step.op, out)
@@ -273,12 +276,39 @@ def run_recipe(recipe: Recipe, *, run_dir: str | Path | None = None, dry_run: bo
             results.append(StepResult(step.id, step.op, "skipped (unchanged)", out, detail))
             continue
         print(f"[{step.id}] {step.op} -> {out}", file=sys.stderr)
+        stamp.unlink(missing_ok=True)  # a failed run must not leave an old stamp vouching for new results
         detail = _execute(step.op, opts, out, progress)
         stamp.write_text(json.dumps({"recipe": recipe.name, "source": str(recipe.path), "step": step.id,
                                      "op": step.op, "options": opts, "fingerprint": fingerprint,
                                      "vars": recipe.vars}, indent=2, default=str) + "\n")
         results.append(StepResult(step.id, step.op, "ran", out, detail))
     return results
+
+
+def _check_values(recipe: Recipe, names: dict[str, Any]) -> None:
+    """Build every step's options (values, not just keys) before the first step runs."""
+    from .writer import parse_size
+
+    problems = []
+    for step in recipe.steps:
+        opts = _resolve(step.raw, names)
+        try:
+            if step.op in CORE_OPS:
+                built = make_options(CORE_OPS[step.op], opts, f"step {step.id!r}")
+                if step.op == "eval":
+                    from .evaluate import parse_requirement
+
+                    for r in built.require:
+                        parse_requirement(str(r))
+            else:
+                rest = {k: v for k, v in opts.items() if k not in TRANSFORM_KEYS}
+                make_options(get(step.op).Options, rest, f"step {step.id!r}")
+            if "max_shard_size" in opts:
+                parse_size(opts["max_shard_size"])
+        except PdeltaError as e:
+            problems.append(str(e))
+    if problems:
+        raise RecipeError(f"{recipe.path}: " + "; ".join(problems), hint="fix the recipe or the override")
 
 
 def _stamp_path(op: str, out: str) -> Path:
@@ -344,12 +374,16 @@ def _recheck(op: str, out: str) -> dict[str, Any]:
     return {"failed": []}
 
 
-def _plan(op: str, opts: dict[str, Any], out: str) -> dict[str, Any]:
-    """What a step would do, from headers only."""
+def _plan(op: str, opts: dict[str, Any], produced: set[str]) -> dict[str, Any]:
+    """What a step would do, from headers only. Inputs an earlier step makes are checked when they
+    exist; any other input must open now (a clear error names it otherwise)."""
     from .checkpoint import Checkpoint
 
     def ready(p: Any) -> bool:
-        return isinstance(p, str) and Path(p).exists()
+        if str(p) in produced:
+            return False
+        Checkpoint.open(p)
+        return True
 
     if op == "apply":
         from .plan import Term, make_plan
@@ -367,8 +401,13 @@ def _plan(op: str, opts: dict[str, Any], out: str) -> dict[str, Any]:
                          allow_tie_mismatch=s.allow_tie_mismatch)
         return {"tensors": len(plan.jobs), "bytes": sum(j.out.nbytes for j in plan.jobs), **plan.vocab_counts}
     if op == "extract":
+        from .extract import _preflight
+
         s = make_options(ExtractStep, opts, "extract")
-        return {"post": s.post, "base": s.base, "mode": "low-rank" if s.rank or s.energy else "full"}
+        detail = {"post": s.post, "base": s.base, "mode": "low-rank" if s.rank or s.energy else "full"}
+        if ready(s.post) and ready(s.base):
+            detail["tensors"] = len(_preflight(Checkpoint.open(s.post), Checkpoint.open(s.base)))
+        return detail
     if op == "eval":
         s = make_options(EvalStep, opts, "eval")
         return {"models": s.models, "tasks": s.tasks, "require": s.require}
