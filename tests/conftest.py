@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
+import traceback
+from pathlib import Path
 
 import pytest
+
+from paramdelta.cli.main import main
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -18,3 +23,28 @@ def _no_progress():
         os.environ.pop("PDELTA_NO_PROGRESS", None)
     else:
         os.environ["PDELTA_NO_PROGRESS"] = old
+
+
+@pytest.fixture
+def cli(capfd, monkeypatch):
+    """Run `pdelta ARGS` through main() in-process; returns (exit code, stdout, stderr).
+
+    An exception escaping main() is printed as Python would print it (exit code 1), so a
+    traceback shows up in stderr exactly as a user would see it.
+    """
+
+    def run(*args: str | Path) -> tuple[int, str, str]:
+        capfd.readouterr()
+        monkeypatch.setattr(sys, "argv", ["pdelta", *map(str, args)])
+        code = 0
+        try:
+            main()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:  # noqa: BLE001 - reported as the traceback a user would see
+            traceback.print_exc()
+            code = 1
+        got = capfd.readouterr()
+        return code, got.out, got.err
+
+    return run

@@ -18,7 +18,6 @@ import hashlib
 import json
 import shutil
 import struct
-import sys
 from pathlib import Path
 
 import pytest
@@ -40,7 +39,6 @@ from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from paramdelta.checkpoint import Checkpoint
-from paramdelta.cli.main import main
 from paramdelta.delta import OUT_ELEMENTS, apply
 from paramdelta.errors import NonFiniteError, PreflightError
 
@@ -155,22 +153,6 @@ def merged(triple, tmp_path_factory):
     return get
 
 
-@pytest.fixture
-def cli(capsys, monkeypatch):
-    """Run `pdelta ARGS` in-process; returns (exit code, stdout, stderr)."""
-
-    def run(*args) -> tuple[int, str, str]:
-        capsys.readouterr()
-        monkeypatch.setattr(sys, "argv", ["pdelta", *map(str, args)])
-        code = 0
-        try:
-            main()
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        got = capsys.readouterr()
-        return code, got.out, got.err
-
-    return run
 
 
 # -- 1. the formula, element by element ----------------------------------------------------------

@@ -21,7 +21,6 @@ import struct
 import subprocess
 import sys
 import textwrap
-import traceback
 from pathlib import Path
 
 import pytest
@@ -29,8 +28,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from tinymodels import INDEX_NAME, load_state, make_triple, tiny_config
 from transformers import AutoModelForCausalLM
-
-from paramdelta.cli.main import main
 
 ENV = {**os.environ, "PDELTA_NO_PROGRESS": "1"}
 SUBPROCESS_TIMEOUT = 120
@@ -67,29 +64,6 @@ def _quiet(monkeypatch):
 
 
 # -- running the CLI ------------------------------------------------------------------------------
-@pytest.fixture
-def cli(capfd, monkeypatch):
-    """Run `pdelta ARGS` through main() in-process; returns (exit code, stdout, stderr).
-
-    An exception escaping main() is printed as Python would print it (exit code 1), so a
-    traceback shows up in stderr exactly as a user would see it.
-    """
-
-    def run(*args: str | Path) -> tuple[int, str, str]:
-        capfd.readouterr()
-        monkeypatch.setattr(sys, "argv", ["pdelta", *map(str, args)])
-        code = 0
-        try:
-            main()
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        except BaseException:  # noqa: BLE001 - reported as the traceback a user would see
-            traceback.print_exc()
-            code = 1
-        got = capfd.readouterr()
-        return code, got.out, got.err
-
-    return run
 
 
 def run_subprocess(argv: list[str], **kwargs) -> tuple[int, str, str]:

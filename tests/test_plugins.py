@@ -12,7 +12,6 @@ import json
 import shutil
 import sys
 import textwrap
-import traceback
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -24,7 +23,6 @@ from tinymodels import INDEX_NAME, load_state, make_checkpoint, train_tiny_token
 from transformers import AutoModelForCausalLM
 
 from paramdelta import plugins
-from paramdelta.cli.main import main
 from paramdelta.plugins import PluginError
 
 INT_TENSOR = "model.layers.0.mlp.step_count"  # a non-float tensor whose name matches `--only mlp`
@@ -137,25 +135,6 @@ SCALE_PLUGIN = '''
 
 
 # -- running the CLI ------------------------------------------------------------------------------
-@pytest.fixture
-def cli(capfd, monkeypatch):
-    """Run `pdelta ARGS` in-process; returns (exit code, stdout, stderr), a traceback counting as code 1."""
-
-    def run(*args: str | Path) -> tuple[int, str, str]:
-        capfd.readouterr()
-        monkeypatch.setattr(sys, "argv", ["pdelta", *map(str, args)])
-        code = 0
-        try:
-            main()
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        except BaseException:  # noqa: BLE001 - shown as the traceback a user would see
-            traceback.print_exc()
-            code = 1
-        got = capfd.readouterr()
-        return code, got.out, got.err
-
-    return run
 
 
 def one_error_line(code: int, err: str) -> str:

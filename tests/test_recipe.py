@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import textwrap
-import traceback
 from pathlib import Path
 
 import pytest
@@ -22,7 +20,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tinymodels import INDEX_NAME, load_state, make_triple
 
-from paramdelta.cli.main import main
 from paramdelta.recipe import STAMP, RecipeError, load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -66,25 +63,6 @@ def _env(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # a default `runs/` would land here, never in the repository
 
 
-@pytest.fixture
-def cli(capfd, monkeypatch):
-    """Run `pdelta ARGS` in-process; returns (exit code, stdout, stderr), a traceback counting as code 1."""
-
-    def run(*args: str | Path) -> tuple[int, str, str]:
-        capfd.readouterr()
-        monkeypatch.setattr(sys, "argv", ["pdelta", *map(str, args)])
-        code = 0
-        try:
-            main()
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        except BaseException:  # noqa: BLE001 - shown as the traceback a user would see
-            traceback.print_exc()
-            code = 1
-        got = capfd.readouterr()
-        return code, got.out, got.err
-
-    return run
 
 
 @pytest.fixture
