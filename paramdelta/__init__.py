@@ -18,10 +18,10 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "apply": "paramdelta.delta",
     "ApplyReport": "paramdelta.delta",
-    "extract": "paramdelta.extract",
+    "extract": "paramdelta.extraction",
     "inspect_checkpoint": "paramdelta.inspection",
     "compare": "paramdelta.inspection",
-    "verify": "paramdelta.verify",
+    "verify": "paramdelta.verification",
     "Checkpoint": "paramdelta.checkpoint",
     "CheckpointWriter": "paramdelta.writer",
     "OutTensor": "paramdelta.writer",

@@ -328,7 +328,7 @@ def _execute(op: str, opts: dict[str, Any], out: str, progress: bool) -> dict[st
                        allow_tie_mismatch=s.allow_tie_mismatch, overwrite=True, progress=progress)
         return {"tensors": report.tensors, "counts": report.counts}
     if op == "extract":
-        from .extract import extract
+        from .extraction import extract
 
         s = make_options(ExtractStep, opts, "extract")
         report = extract(out, post=s.post, base=s.base, rank=s.rank, energy=s.energy, dtype=s.dtype,
@@ -401,7 +401,7 @@ def _plan(op: str, opts: dict[str, Any], produced: set[str]) -> dict[str, Any]:
                          allow_tie_mismatch=s.allow_tie_mismatch)
         return {"tensors": len(plan.jobs), "bytes": sum(j.out.nbytes for j in plan.jobs), **plan.vocab_counts}
     if op == "extract":
-        from .extract import _preflight
+        from .extraction import _preflight
 
         s = make_options(ExtractStep, opts, "extract")
         detail = {"post": s.post, "base": s.base, "mode": "low-rank" if s.rank or s.energy else "full"}

@@ -24,9 +24,9 @@ from paramdelta import inspection
 from paramdelta.checkpoint import Checkpoint
 from paramdelta.cli.main import main
 from paramdelta.errors import OptionError, VerifyError
-from paramdelta.extract import extract
+from paramdelta.extraction import extract
 from paramdelta.inspection import compare, group_of, inspect_checkpoint, plot_comparison
-from paramdelta.verify import ulp_distance, verify
+from paramdelta.verification import ulp_distance, verify
 
 os.environ["PDELTA_NO_PROGRESS"] = "1"
 Q0 = "model.layers.0.self_attn.q_proj.weight"

@@ -76,7 +76,7 @@ def extract_command(
     fmt: Format = FORMAT,
 ) -> None:
     """Store POST − BASE as a delta, in full or low-rank, to apply later with `pdelta apply --delta`."""
-    from ..extract import extract
+    from ..extraction import extract
 
     report = extract(out, post=post, base=base, rank=rank, energy=energy, dtype=dtype,
                      max_shard_size=max_shard_size, overwrite=overwrite, allow_pickle=allow_pickle,

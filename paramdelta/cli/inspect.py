@@ -66,7 +66,7 @@ def verify_command(
     Example: pdelta verify merged/ --samples 32
     """
     from ..errors import VerifyError
-    from ..verify import verify
+    from ..verification import verify
 
     try:
         report = verify(out, samples=samples, load=not no_load, seed=seed, progress=not no_progress)
