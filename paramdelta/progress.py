@@ -16,7 +16,7 @@ def progress_bar(total: int, desc: str, *, unit: str = "B", enabled: bool = True
     """A tqdm bar on stderr counting `unit`s (bytes scale to kB/MB/GB); a no-op bar when disabled."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=True, unit_divisor=1024 if unit == "B" else 1000,
+    bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", unit_divisor=1024,
                file=sys.stderr, disable=not progress_enabled(enabled), dynamic_ncols=True, leave=False)
     try:
         yield bar

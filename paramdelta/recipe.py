@@ -79,7 +79,38 @@ class EvalStep:
     require: list = field(default_factory=list)
 
 
-CORE_OPS: dict[str, type] = {"apply": ApplyStep, "extract": ExtractStep, "eval": EvalStep}
+@dataclass(frozen=True, kw_only=True)
+class TrainStep:  # the keys of paramdelta.train.train
+    model: str
+    data: str
+    steps: int
+    lr: float = 1e-3
+    batch_size: int = 8
+    seq_len: int = 128
+    grad_accum: int = 1
+    dtype: str = "float32"
+    seed: int = 0
+    optimizer: str = "adamw"
+    optimizer_options: dict = field(default_factory=dict)
+    warmup: int = 0
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    max_grad_norm: float | None = 1.0
+    loss_on: str = "auto"
+    max_shard_size: str = "5GB"
+
+
+@dataclass(frozen=True, kw_only=True)
+class InitStep:  # the keys of paramdelta.train.init_model; config is a mapping or a config.json path
+    config: dict | str
+    tokenizer: str
+    seed: int = 0
+    dtype: str = "float32"
+    max_shard_size: str = "5GB"
+
+
+CORE_OPS: dict[str, type] = {"apply": ApplyStep, "extract": ExtractStep, "eval": EvalStep, "train": TrainStep,
+                             "init": InitStep}
 COMMON_KEYS = ("id", "op", "out")
 TRANSFORM_KEYS = ("in", "max_shard_size")
 
@@ -336,6 +367,20 @@ def _execute(op: str, opts: dict[str, Any], out: str, progress: bool) -> dict[st
         return {"full": report.full, "lowrank": report.lowrank}
     if op == "eval":
         return _eval(opts, out)
+    if op == "train":
+        from .train import train
+
+        s = make_options(TrainStep, opts, "train")
+        report = train(s.model, s.data, out, **{k: v for k, v in dataclasses.asdict(s).items()
+                                                if k not in ("model", "data")}, overwrite=True, progress=progress)
+        return {"steps": report.steps, "first_loss": report.first_loss, "final_loss": report.final_loss}
+    if op == "init":
+        from .train import init_model
+
+        s = make_options(InitStep, opts, "init")
+        init_model(s.config, s.tokenizer, out, seed=s.seed, dtype=s.dtype, max_shard_size=s.max_shard_size,
+                   overwrite=True)
+        return {"seed": s.seed}
     from .transform import run_transform
 
     opts = dict(opts)
@@ -411,6 +456,12 @@ def _plan(op: str, opts: dict[str, Any], produced: set[str]) -> dict[str, Any]:
     if op == "eval":
         s = make_options(EvalStep, opts, "eval")
         return {"models": s.models, "tasks": s.tasks, "require": s.require}
+    if op == "train":
+        s = make_options(TrainStep, opts, "train")
+        return {"model": s.model, "data": s.data, "steps": s.steps, "optimizer": s.optimizer}
+    if op == "init":
+        s = make_options(InitStep, opts, "init")
+        return {"tokenizer": s.tokenizer, "seed": s.seed}
     transform = get(op)
     opts = dict(opts)
     src = opts.pop("in", None)

@@ -16,6 +16,7 @@ from . import eval as eval_cmds
 from . import inspect as inspect_cmds
 from . import plugins as plugin_cmds
 from . import run as run_cmds
+from . import train as train_cmds
 
 app = typer.Typer(
     name="pdelta",
@@ -31,6 +32,7 @@ eval_cmds.register(app)
 inspect_cmds.register(app)
 plugin_cmds.register(app)
 run_cmds.register(app)
+train_cmds.register(app)
 
 
 def main() -> None:
