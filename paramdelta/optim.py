@@ -31,7 +31,7 @@ from functools import cache
 from typing import TYPE_CHECKING, Any
 
 from .errors import OptionError
-from .plugins import PluginError, suggest
+from .plugins import PluginError, find_entry_points, suggest
 
 if TYPE_CHECKING:
     from importlib.metadata import EntryPoint
@@ -44,15 +44,7 @@ OptimizerFactory = Callable[..., "torch.optim.Optimizer"]
 
 @cache
 def _entry_points() -> dict[str, EntryPoint]:
-    from importlib.metadata import entry_points
-
-    found: dict[str, EntryPoint] = {}
-    for ep in entry_points(group=GROUP):
-        if ep.name in found and found[ep.name].value != ep.value:
-            raise PluginError(f"two packages claim the optimizer name {ep.name!r}: {found[ep.name].value} and "
-                              f"{ep.value}", hint="uninstall one of the two packages")
-        found[ep.name] = ep
-    return found
+    return find_entry_points(GROUP, "optimizer")
 
 
 def available() -> dict[str, str]:

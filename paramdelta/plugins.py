@@ -84,17 +84,22 @@ class PluginInfo:
     version: str
 
 
-@cache
-def _entry_points() -> dict[str, EntryPoint]:
+def find_entry_points(group: str, kind: str) -> dict[str, EntryPoint]:
+    """Name -> entry point for one group; two packages claiming one name is an error."""
     from importlib.metadata import entry_points
 
     found: dict[str, EntryPoint] = {}
-    for ep in entry_points(group=GROUP):
+    for ep in entry_points(group=group):
         if ep.name in found and found[ep.name].value != ep.value:
-            raise PluginError(f"two plugins claim the transform name {ep.name!r}: {found[ep.name].value} and "
+            raise PluginError(f"two plugins claim the {kind} name {ep.name!r}: {found[ep.name].value} and "
                               f"{ep.value}", hint="uninstall one of the two packages")
         found[ep.name] = ep
     return found
+
+
+@cache
+def _entry_points() -> dict[str, EntryPoint]:
+    return find_entry_points(GROUP, "transform")
 
 
 def available() -> dict[str, PluginInfo]:

@@ -212,7 +212,7 @@ def test_optimizer_registry(world, monkeypatch):
     monkeypatch.setattr("importlib.metadata.entry_points", lambda group: eps)
     optim._entry_points.cache_clear()
     try:
-        with pytest.raises(PluginError, match="two packages claim"):
+        with pytest.raises(PluginError, match="two plugins claim the optimizer name"):
             optim.available()
     finally:
         monkeypatch.undo()
