@@ -294,14 +294,9 @@ def _run_one(model_ref: str, tasks: list[str], manager, *, limit, batch_size, de
 
 
 def _load_model(ref: str, device: str, dtype: str | None):
-    """The plugin-aware loader when present; plain transformers otherwise."""
-    try:
-        from .plugins import load_model
-    except ImportError:  # paramdelta.plugins missing, or without load_model
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Through the plugin-aware loader, so a transformed checkpoint gets its own modules."""
+    from .plugins import load_model
 
-        model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype or "auto").to(device)
-        return model, AutoTokenizer.from_pretrained(ref)
     return load_model(ref, device=device, dtype=dtype)
 
 
