@@ -199,7 +199,7 @@ def test_third_party_transform_is_discovered_lazily_and_runs_end_to_end(install,
     code, out, err = cli("plugins", "list", "--format", "json")
     assert code == 0, err
     rows = {r["name"]: r for r in json.loads(out)["transforms"]}
-    assert set(rows) == {"cast", "scale"}
+    assert {"cast", "scale"} <= set(rows)  # other installed plugins may be listed too
     assert rows["scale"]["options"] == ["--factor"] and rows["scale"]["package"] == "pdelta-scale"
 
     dst = tmp_path / "scaled"
