@@ -20,6 +20,7 @@ import mmap
 import os
 import struct
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -103,6 +104,7 @@ class ShardHeader:
     tensors: list[TensorInfo]
     metadata: dict[str, str]
     header_bytes: bytes = field(repr=False)
+    size: int | None = None  # bytes in the whole file (known before download for Hub shards)
 
 
 def read_shard_header(file: Path) -> ShardHeader:
@@ -114,17 +116,27 @@ def read_shard_header(file: Path) -> ShardHeader:
     try:
         size = file.stat().st_size
         with open(file, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise CheckpointError(f"{file}: truncated ({size} bytes, no safetensors header)",
-                                      hint="re-download or re-save this shard")
-            (n,) = struct.unpack("<Q", prefix)
-            if n > MAX_HEADER_BYTES or 8 + n > size:
-                raise CheckpointError(f"{file}: corrupt or truncated header (claims {n} bytes, file has {size})",
-                                      hint="re-download or re-save this shard")
-            raw = f.read(n)
+            raw = f.read(header_length(file, f.read(8), size))
     except OSError as e:
         raise CheckpointError(f"{file}: cannot read ({e.strerror})") from None
+    return parse_shard_header(file, raw, size)
+
+
+def header_length(file: Path, prefix: bytes, size: int) -> int:
+    """The JSON header length announced by a safetensors file's first 8 bytes, checked against its size."""
+    if len(prefix) < 8:
+        raise CheckpointError(f"{file}: truncated ({size} bytes, no safetensors header)",
+                              hint="re-download or re-save this shard")
+    (n,) = struct.unpack("<Q", prefix)
+    if n > MAX_HEADER_BYTES or 8 + n > size:
+        raise CheckpointError(f"{file}: corrupt or truncated header (claims {n} bytes, file has {size})",
+                              hint="re-download or re-save this shard")
+    return n
+
+
+def parse_shard_header(file: Path, raw: bytes, size: int) -> ShardHeader:
+    """Validate the JSON header `raw` of a safetensors file of `size` bytes (see read_shard_header)."""
+    n = len(raw)
     try:
         header = json.loads(raw)
         if not isinstance(header, dict):
@@ -156,7 +168,7 @@ def read_shard_header(file: Path) -> ShardHeader:
         if b.start < a.end:
             raise CheckpointError(f"{file}: tensors {a.name!r} and {b.name!r} overlap",
                                   hint="re-save this shard")
-    return ShardHeader(file, tensors, {str(k): str(v) for k, v in metadata.items()}, raw)
+    return ShardHeader(file, tensors, {str(k): str(v) for k, v in metadata.items()}, raw, size)
 
 
 class Checkpoint:
@@ -180,11 +192,21 @@ class Checkpoint:
         self._pickled = pickled
         self._maps: dict[Path, mmap.mmap] = {}
         self._fds: dict[Path, int] = {}
+        self.remote: Any = None  # hub.ShardSource for a Hub reference: fetches a shard before its first read
+
 
     # -- opening -------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | os.PathLike, *, allow_pickle: bool = False) -> Checkpoint:
-        """Open a local checkpoint folder (or a single .safetensors file) from its headers."""
+        """Open a local checkpoint folder (or a single .safetensors file) from its headers.
+
+        A Hub reference `org/name[@revision]` that is not a local path opens from the Hub: config,
+        index and tokenizer files are downloaded, shard headers read by HTTP range (see hub.py).
+        """
+        from . import hub
+
+        if hub.is_ref(path):
+            return hub.open_ref(os.fspath(path))
         path = Path(path)
         if path.is_file() and path.suffix == ".safetensors":
             return cls(path.parent, [read_shard_header(path)])
@@ -316,18 +338,31 @@ class Checkpoint:
     def prefetch(self, name: str) -> None:
         """Ask the kernel to start reading a tensor's bytes now (async read-ahead)."""
         info = self.tensors[name]
+        if self.remote is not None and info.file not in self._fds and not info.file.exists():
+            return  # a Hub shard still downloading: reading ahead must not wait for it
         if self._pickled is None and info.numel and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self._fd(info.file), info.start, info.nbytes, os.POSIX_FADV_WILLNEED)
+
+    def release(self, file: Path) -> None:
+        """Close one shard's handle and map, so that deleting it frees the disk (views stay valid)."""
+        self._maps.pop(file, None)
+        fd = self._fds.pop(file, None)
+        if fd is not None:
+            os.close(fd)
 
     def _fd(self, file: Path) -> int:
         fd = self._fds.get(file)
         if fd is None:
+            if self.remote is not None:
+                self.remote.wait(file)
             fd = self._fds[file] = os.open(file, os.O_RDONLY)
         return fd
 
     def _map(self, file: Path) -> mmap.mmap:
         mm = self._maps.get(file)
         if mm is None:
+            if self.remote is not None:
+                self.remote.wait(file)
             with open(file, "rb") as f:
                 mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             self._maps[file] = mm
@@ -357,8 +392,9 @@ def _uint8():
     return torch.uint8
 
 
-def _shards_from_index(index: Path) -> list[ShardHeader]:
-    """Headers of the shards an index names, each checked to be a real file inside the folder."""
+def _shards_from_index(index: Path, read_header: Callable[[Path], ShardHeader] | None = None) -> list[ShardHeader]:
+    """Headers of the shards an index names, each checked to be a real file inside the folder
+    (`read_header` reads them from elsewhere instead, e.g. the Hub, before they are downloaded)."""
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
         if not isinstance(weight_map, dict):
@@ -369,21 +405,21 @@ def _shards_from_index(index: Path) -> list[ShardHeader]:
     folder = index.parent.resolve()
     shards: list[Path] = []
     for tensor, name in weight_map.items():
-        target = (folder / str(name)).resolve()
-        if target.parent != folder:
+        # a plain file name; not resolved, since a Hub cache snapshot holds symlinks into its blobs/
+        target = folder / str(name)
+        if Path(str(name)).name != str(name) or str(name) in (".", ".."):
             raise CheckpointError(f"{index}: tensor {tensor!r} points outside the folder ({name!r})",
                                   hint="shard names in weight_map must be plain file names")
-        if not target.is_file():
+        if read_header is None and not target.is_file():
             raise CheckpointError(f"{index}: tensor {tensor!r} points to missing shard {name!r}",
                                   hint="download the missing shard")
         if target not in shards:
             shards.append(target)
     listed = set(weight_map)
     # Headers must agree with the index: every listed tensor present in its shard, nothing extra.
-    headers = {f: read_shard_header(f) for f in sorted(shards)}
+    headers = {f: (read_header or read_shard_header)(f) for f in sorted(shards)}
     for tensor, name in weight_map.items():
-        target = (folder / str(name)).resolve()
-        if all(t.name != tensor for t in headers[target].tensors):
+        if all(t.name != tensor for t in headers[folder / str(name)].tensors):
             raise CheckpointError(f"{index}: tensor {tensor!r} is not in shard {name!r}",
                                   hint="the index and shards disagree; re-download the checkpoint")
     for f, h in headers.items():

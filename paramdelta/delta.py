@@ -17,17 +17,18 @@ import math
 import os
 import queue
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import hub
 from .checkpoint import Checkpoint, torch_dtype
 from .errors import NonFiniteError, OptionError
-from .plan import Job, Plan, Term, describe_sources, input_paths, make_plan
+from .plan import Job, Plan, Term, describe_sources, input_paths, job_reads, make_plan
 from .progress import progress_bar
 from .provenance import copy_tokenizer, input_record, model_card, shard_metadata, write_config
-from .writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter
+from .writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, parse_size
 
 if TYPE_CHECKING:
     import torch
@@ -56,12 +57,14 @@ def apply(out: str | Path, *, new_base: str | Path, post: str | Path | None = No
           max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE, config_from: str = "new-base",
           tokenizer_from: str = "post", new_token_policy: str = "copy-post", overwrite: bool = False,
           allow_nonfinite: bool = False, allow_pickle: bool = False, allow_tie_mismatch: bool = False,
-          hash_inputs: bool = False, progress: bool = True) -> ApplyReport:
+          hash_inputs: bool = False, max_cache: str | int | None = None, progress: bool = True) -> ApplyReport:
     """Write new_base + Σ α·(post − base) (plus Σ α·stored delta) to `out`.
 
     `post`/`base`/`alpha` give one term; `terms` gives more as (post, base, alpha) triples;
     `deltas` adds (folder from `extract`, alpha) pairs. Nothing is written unless every
-    check passes, and a failure mid-way leaves no folder at `out`.
+    check passes, and a failure mid-way leaves no folder at `out`. Any input may be a Hub
+    reference `org/name[@revision]`: its shards download while the engine works, and
+    `max_cache` (e.g. "40GB") bounds the disk they take, deleting each once it is done.
 
     >>> apply("merged", post="inst", base="base", new_base="base-v2")          # doctest: +SKIP
     >>> apply("mix", new_base="v2", terms=[("a", "base", 0.7), ("b", "base", 0.3)])  # doctest: +SKIP
@@ -69,6 +72,7 @@ def apply(out: str | Path, *, new_base: str | Path, post: str | Path | None = No
     start = time.perf_counter()
     if config_from not in ("new-base", "post"):
         raise OptionError(f"unknown --config-from {config_from!r}", hint="use new-base or post")
+    budget = parse_size(max_cache) if max_cache is not None else None
     all_terms = ([(post, base, alpha)] if post is not None or base is not None else []) + list(terms)
     for p, b, _ in all_terms:
         if p is None or b is None:
@@ -98,9 +102,10 @@ def apply(out: str | Path, *, new_base: str | Path, post: str | Path | None = No
     meta = shard_metadata("merge", formula, alphas, records,
                           {"config_from": config_from, "tokenizer_from": tokenizer_from,
                            "new_token_policy": new_token_policy})
-    with CheckpointWriter(out, [j.out for j in plan.jobs], max_shard_size=max_shard_size, metadata=meta,
-                          overwrite=overwrite, inputs=input_paths(plan)) as writer:
-        counts = run_plan(plan, writer, allow_nonfinite=allow_nonfinite, progress=progress)
+    writer = CheckpointWriter(out, [j.out for j in plan.jobs], max_shard_size=max_shard_size, metadata=meta,
+                              overwrite=overwrite, inputs=input_paths(plan))
+    with writer, hub.stream(plan, budget, progress) as on_job:  # Hub shards download while the engine works
+        counts = run_plan(plan, writer, allow_nonfinite=allow_nonfinite, progress=progress, on_job=on_job)
         counts.update(plan.vocab_counts)
         _write_side_files(plan, writer.dir, config_from, tokenizer_from, dtype, counts, formula,
                           [str(new_base)] + [str(p) for p, _, _ in all_terms])
@@ -121,8 +126,9 @@ def formula_text(plan: Plan) -> str:
 
 
 def run_plan(plan: Plan, writer: CheckpointWriter, *, allow_nonfinite: bool = False,
-             progress: bool = True) -> dict[str, int]:
-    """Compute every job in order and stream it to `writer`; returns counts by kind of tensor."""
+             progress: bool = True, on_job: Callable[[int], None] | None = None) -> dict[str, int]:
+    """Compute every job in order and stream it to `writer`; returns counts by kind of tensor.
+    `on_job(i)` is told when job i starts (all before it are done): the Hub stream frees shards then."""
     import torch
 
     counts = {"formula": 0, "copied from new base (non-float)": 0, "vocab-aligned": 0}
@@ -134,6 +140,8 @@ def run_plan(plan: Plan, writer: CheckpointWriter, *, allow_nonfinite: bool = Fa
     try:
         with progress_bar(total, "apply", enabled=progress) as bar:
             for i, job in enumerate(plan.jobs):
+                if on_job is not None:
+                    on_job(i)
                 if i + 1 < len(plan.jobs):
                     _prefetch(plan, plan.jobs[i + 1])
                 out = _OutStream(writer, bufs.pool(torch_dtype(job.out.dtype)), bar, job.out.name, allow_nonfinite)
@@ -292,14 +300,8 @@ def _check_finite(block: torch.Tensor, job: Job, plan: Plan, allow_nonfinite: bo
 
 def _prefetch(plan: Plan, job: Job) -> None:
     """Start the kernel reading the next job's inputs while this one computes."""
-    plan.new_base.prefetch(job.out.name)
-    for term, src in zip(plan.terms, job.sources):
-        if src[0] == "diff":
-            term.post.prefetch(src[1])
-            term.base.prefetch(src[2])
-        else:
-            for n in src[1:]:
-                term.delta.prefetch(n)
+    for ck, name in job_reads(plan, job):
+        ck.prefetch(name)
 
 
 def _float16():

@@ -241,6 +241,17 @@ def describe_sources(config_from: str, tokenizer_from: str) -> list[str]:
             f"tokenizer, chat template, generation_config: {tokenizer_from}"]
 
 
+def job_reads(plan: Plan, job: Job) -> list[tuple[Checkpoint, str]]:
+    """Every (checkpoint, tensor name) a job reads: what to prefetch, and which shards it needs on disk."""
+    reads = [(plan.new_base, job.out.name)]
+    for term, src in zip(plan.terms, job.sources):
+        if src[0] == "diff":
+            reads += [(term.post, src[1]), (term.base, src[2])]  # type: ignore[list-item]
+        else:
+            reads += [(term.delta, n) for n in src[1:]]  # type: ignore[misc]
+    return reads
+
+
 def input_paths(plan: Plan) -> list[Path]:
     paths = [plan.new_base.path]
     for t in plan.terms:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -30,12 +31,15 @@ def version() -> str:
 
 def file_fingerprints(ckpt: Checkpoint, full_hash: bool = False) -> dict[str, dict[str, Any]]:
     """Per shard: size and the sha256 of its header (cheap, identifies names/dtypes/shapes/offsets),
-    plus the sha256 of the whole file when asked (costs a full extra read)."""
+    plus the sha256 of the whole file when asked (costs a full extra read), or when the Hub knows it."""
     out = {}
     for shard in ckpt.shards:
-        entry: dict[str, Any] = {"size": shard.file.stat().st_size,
+        entry: dict[str, Any] = {"size": shard.size if shard.size is not None else shard.file.stat().st_size,
                                  "header_sha256": hashlib.sha256(shard.header_bytes).hexdigest()}
-        if full_hash:
+        known = ckpt.remote.sha256(shard.file.name) if ckpt.remote is not None else None
+        if known:
+            entry["sha256"] = known
+        elif full_hash:
             h = hashlib.sha256()
             with open(shard.file, "rb") as f:
                 while chunk := f.read(16 << 20):
@@ -52,6 +56,8 @@ def input_record(role: str, ckpt: Checkpoint, ref: str | None = None, full_hash:
     revision = ckpt.config.get("_pdelta_revision")
     if revision:
         rec["revision"] = revision
+    if ckpt.remote is not None:  # a Hub reference: the repo and the commit it resolved to
+        rec.update(repo=ckpt.remote.repo, revision=ckpt.remote.commit)
     return rec
 
 
@@ -107,3 +113,59 @@ def model_card(*, base_models: list[str], title: str, summary: list[str], sectio
         body += [f"## {head}", ""] + lines + [""]
     body += [f"Made with {TOOL} {version()}."]
     return "\n".join(front + body) + "\n"
+
+
+def write_hub_card(folder: Path) -> None:
+    """Make `folder/README.md` a card the Hub reads before `push`: base_model lists the Hub inputs (new base,
+    then post models), base_model_relation: merge for a merge, paramdelta tags, what was done with the commits
+    it was done from, and the scores of an eval results JSON lying in the folder. A README.md that paramdelta
+    did not write is left as it is."""
+    import yaml
+
+    card = folder / "README.md"
+    text = card.read_text() if card.is_file() else ""
+    m = re.match(r"---\n(.*?)\n---\n", text, re.S)
+    front = (yaml.safe_load(m.group(1)) if m else None) or {}
+    body = text[m.end():] if m else text
+    if text and TOOL not in (front.get("tags") or []):
+        return
+    prov = read_provenance(Checkpoint.open(folder)) if any(folder.glob("*.safetensors")) else {}
+    merge = prov.get("kind") == "merge"
+    inputs = [r for r in prov.get("inputs") or [] if r.get("repo")]
+    bases = list(dict.fromkeys(r["repo"] for r in inputs if r["role"] == "new_base" or r["role"].startswith("post")))
+    front = {"library_name": "transformers",
+             **{k: v for k, v in front.items() if k not in ("base_model", "base_model_relation")}}
+    if bases:
+        front["base_model"] = bases
+        if merge:
+            front["base_model_relation"] = "merge"
+    front["tags"] = list(dict.fromkeys([*(front.get("tags") or []), TOOL, *(["merge"] if merge else [])]))
+    if not body.strip():
+        done = f"`{prov['formula']}`, α = {prov.get('alpha')}.\n\n" if "formula" in prov else ""
+        body = f"# {folder.name}\n\n{done}"
+    body = re.split(r"\n## (?:Hub inputs|Evaluation)\n", body)[0].rstrip() + "\n"
+    if inputs:
+        body += "\n## Hub inputs\n\n" + "".join(f"- {r['role']}: `{r['repo']}@{r['revision']}`\n" for r in inputs)
+    body += _eval_section(folder)
+    front_text = yaml.safe_dump(front, sort_keys=False, allow_unicode=True)
+    card.write_text(f"---\n{front_text}---\n\n{body.lstrip()}")
+
+
+def _eval_section(folder: Path) -> str:
+    """A scores table from the first `pdelta eval` results JSON in the folder ("" when there is none)."""
+    for f in sorted(folder.glob("*.json")):
+        try:
+            doc = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if not (isinstance(doc, dict) and isinstance(doc.get("models"), list)):
+            continue
+        rows = [f"| {Path(str(m.get('model'))).name} | {task} | {key.removesuffix(',none')} | {value:.4f} |"
+                for m in doc["models"] if isinstance(m, dict)
+                for task, metrics in (m.get("results") or {}).items()
+                for key, value in metrics.items()
+                if isinstance(value, (int, float)) and "_stderr" not in key]
+        if rows:
+            return (f"\n## Evaluation\n\nFrom `{f.name}` (lm-eval, {doc.get('date', 'date unknown')}):\n\n"
+                    "| model | task | metric | value |\n|---|---|---|---|\n" + "\n".join(rows) + "\n")
+    return ""

@@ -8,7 +8,7 @@
       - {id: small, op: cast, in: "${merge}", dtype: bfloat16}
       - {id: gate, op: eval, models: ["${small}"], tasks: [pdelta_mc], require: ["pdelta_mc:acc>=0.5"]}
 
-`op` is a core step (apply, extract, eval) or a registered transform; a recipe never names
+`op` is a core step (pull, apply, extract, eval, push, ...) or a registered transform; a recipe never names
 code to import. `${var}` reads `vars`, `${step_id}` is that step's output. Every key is
 checked before anything runs (with "did you mean"). Each output gets the resolved recipe
 beside it, with a fingerprint of the step's options and its inputs' content, so a re-run
@@ -29,6 +29,7 @@ from typing import Any
 from .errors import OptionError, PdeltaError
 from .optionspec import fields, make_options
 from .plugins import available, get, suggest
+from .toyworld.world import WorldSpec  # the toy-world op's keys
 
 RECIPE_VERSION = 1
 STAMP = "pdelta-recipe.json"  # written inside each step's output folder (or beside an eval result)
@@ -55,6 +56,7 @@ class ApplyStep:
     new_token_policy: str = "copy-post"
     allow_nonfinite: bool = False
     allow_tie_mismatch: bool = False
+    max_cache: str | None = None  # disk bound for Hub inputs' shards while streaming, e.g. 40GB
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,8 +111,22 @@ class InitStep:  # the keys of paramdelta.train.init_model; config is a mapping 
     max_shard_size: str = "5GB"
 
 
+@dataclass(frozen=True, kw_only=True)
+class PullStep:  # paramdelta.hub.pull: the step's output folder receives the files
+    ref: str  # org/name[@revision]
+
+
+@dataclass(frozen=True, kw_only=True)
+class PushStep:  # paramdelta.hub.push: uploads `model` with a model card; the step's output is {commit_url}
+    model: str
+    repo: str
+    private: bool = False
+    revision: str | None = None  # branch
+    message: str | None = None
+
+
 CORE_OPS: dict[str, type] = {"apply": ApplyStep, "extract": ExtractStep, "eval": EvalStep, "train": TrainStep,
-                             "init": InitStep}
+                             "init": InitStep, "pull": PullStep, "push": PushStep, "toy-world": WorldSpec}
 COMMON_KEYS = ("id", "op", "out")
 TRANSFORM_KEYS = ("in", "max_shard_size")
 
@@ -288,7 +304,7 @@ def run_recipe(recipe: Recipe, *, run_dir: str | Path | None = None, dry_run: bo
     results = []
     for step in recipe.steps:
         out = outputs[step.id]
-        if step.op == "eval" and not step.out:
+        if step.op in ("eval", "push") and not step.out:
             out = str(run_dir / f"{step.id}.json")
         names[step.id] = out
         started = started or step.id == from_step
@@ -309,6 +325,8 @@ def run_recipe(recipe: Recipe, *, run_dir: str | Path | None = None, dry_run: bo
         print(f"[{step.id}] {step.op} -> {out}", file=sys.stderr)
         stamp.unlink(missing_ok=True)  # a failed run must not leave an old stamp vouching for new results
         detail = _execute(step.op, opts, out, progress)
+        if step.op == "push":  # push writes the model card into the folder it uploads
+            fingerprint = _fingerprint(step.op, opts, run_dir)
         stamp.write_text(json.dumps({"recipe": recipe.name, "source": str(recipe.path), "step": step.id,
                                      "op": step.op, "options": opts, "fingerprint": fingerprint,
                                      "vars": recipe.vars}, indent=2, default=str) + "\n")
@@ -331,11 +349,16 @@ def _check_values(recipe: Recipe, names: dict[str, Any]) -> None:
 
                     for r in built.require:
                         parse_requirement(str(r))
+                if step.op == "push":
+                    from .hub import check_repo_id
+
+                    check_repo_id(built.repo)
             else:
                 rest = {k: v for k, v in opts.items() if k not in TRANSFORM_KEYS}
                 make_options(get(step.op).Options, rest, f"step {step.id!r}")
-            if "max_shard_size" in opts:
-                parse_size(opts["max_shard_size"])
+            for key in ("max_shard_size", "max_cache"):
+                if opts.get(key) is not None:
+                    parse_size(opts[key])
         except PdeltaError as e:
             problems.append(str(e))
     if problems:
@@ -343,7 +366,7 @@ def _check_values(recipe: Recipe, names: dict[str, Any]) -> None:
 
 
 def _stamp_path(op: str, out: str) -> Path:
-    return Path(out + ".recipe.json") if op == "eval" else Path(out) / STAMP
+    return Path(out + ".recipe.json") if op in ("eval", "push") else Path(out) / STAMP
 
 
 def _execute(op: str, opts: dict[str, Any], out: str, progress: bool) -> dict[str, Any]:
@@ -356,7 +379,8 @@ def _execute(op: str, opts: dict[str, Any], out: str, progress: bool) -> dict[st
                        deltas=[(d["delta"], float(d.get("alpha", 1.0))) for d in s.deltas], dtype=s.dtype,
                        max_shard_size=s.max_shard_size, config_from=s.config_from, tokenizer_from=s.tokenizer_from,
                        new_token_policy=s.new_token_policy, allow_nonfinite=s.allow_nonfinite,
-                       allow_tie_mismatch=s.allow_tie_mismatch, overwrite=True, progress=progress)
+                       allow_tie_mismatch=s.allow_tie_mismatch, max_cache=s.max_cache, overwrite=True,
+                       progress=progress)
         return {"tensors": report.tensors, "counts": report.counts}
     if op == "extract":
         from .extraction import extract
@@ -367,6 +391,16 @@ def _execute(op: str, opts: dict[str, Any], out: str, progress: bool) -> dict[st
         return {"full": report.full, "lowrank": report.lowrank}
     if op == "eval":
         return _eval(opts, out)
+    if op in ("pull", "push"):
+        from . import hub
+
+        if op == "pull":
+            return {"commit": hub.pull(make_options(PullStep, opts, "pull").ref, out, progress=progress)[1]}
+        s = make_options(PushStep, opts, "push")
+        url = hub.push(s.model, s.repo, private=s.private, revision=s.revision, message=s.message, progress=progress)
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps({"repo": s.repo, "commit_url": url}) + "\n")
+        return {"commit_url": url}
     if op == "train":
         from .train import train
 
@@ -381,6 +415,11 @@ def _execute(op: str, opts: dict[str, Any], out: str, progress: bool) -> dict[st
         init_model(s.config, s.tokenizer, out, seed=s.seed, dtype=s.dtype, max_shard_size=s.max_shard_size,
                    overwrite=True)
         return {"seed": s.seed}
+    if op == "toy-world":
+        from .toyworld import write_world
+
+        record = write_world(out, make_options(WorldSpec, opts, "toy-world"), overwrite=True)
+        return {"vocab_size": record["vocab_size"], **record["counts"]}
     from .transform import run_transform
 
     opts = dict(opts)
@@ -456,12 +495,24 @@ def _plan(op: str, opts: dict[str, Any], produced: set[str]) -> dict[str, Any]:
     if op == "eval":
         s = make_options(EvalStep, opts, "eval")
         return {"models": s.models, "tasks": s.tasks, "require": s.require}
+    if op == "pull":
+        from .hub import resolve
+
+        commit, files = resolve(make_options(PullStep, opts, "pull").ref)
+        return {"commit": commit, "files": len(files), "bytes": sum(size for size, _ in files.values())}
+    if op == "push":
+        from .hub import check_repo_id
+
+        s = make_options(PushStep, opts, "push")
+        return {"model": s.model, "repo": check_repo_id(s.repo), "revision": s.revision or "main"}
     if op == "train":
         s = make_options(TrainStep, opts, "train")
         return {"model": s.model, "data": s.data, "steps": s.steps, "optimizer": s.optimizer}
     if op == "init":
         s = make_options(InitStep, opts, "init")
         return {"tokenizer": s.tokenizer, "seed": s.seed}
+    if op == "toy-world":
+        return dataclasses.asdict(make_options(WorldSpec, opts, "toy-world"))
     transform = get(op)
     opts = dict(opts)
     src = opts.pop("in", None)

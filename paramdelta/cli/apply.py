@@ -28,6 +28,9 @@ def apply_command(
     allow_tie_mismatch: bool = typer.Option(False, "--allow-tie-mismatch",
                                             help="Drop an untied post lm_head delta when the new base ties embeddings."),
     hash_inputs: bool = typer.Option(False, "--hash-inputs", help="Record full sha256 of every input file (an extra read)."),
+    max_cache: str | None = typer.Option(None, "--max-cache", help="Most disk the Hub inputs' shards may take while streaming, e.g. 40GB; "
+                                         "each is deleted once the run is done with it."),
+    push_to: str | None = typer.Option(None, "--push-to", help="Upload the result to this Hub repo (org/name) with a model card."),
     allow_pickle: bool = ALLOW_PICKLE,
     overwrite: bool = OVERWRITE,
     no_progress: bool = NO_PROGRESS,
@@ -37,6 +40,7 @@ def apply_command(
 
     Weights follow the formula (fp32 math, fp64 for fp32 inputs, rounded once); config.json
     comes from the new base; tokenizer, chat template and generation_config from the post model.
+    Every model may be a local folder or a Hub reference org/name[@revision].
     """
     from ..delta import apply
     from ..errors import OptionError
@@ -48,16 +52,26 @@ def apply_command(
         raise OptionError(f"got {len(alpha)} --alpha for {n_terms} terms",
                           hint="give one --alpha per --post/--base pair and per --delta, or none for 1.0")
     alphas = alpha or [1.0] * n_terms
+    if push_to is not None:
+        from ..hub import check_repo_id
+
+        check_repo_id(push_to)
     report = apply(
         out, new_base=new_base, terms=[(p, b, a) for p, b, a in zip(post, base, alphas)],
         deltas=list(zip(delta, alphas[len(post):])), dtype=dtype, max_shard_size=max_shard_size,
         config_from=config_from, tokenizer_from=tokenizer_from, new_token_policy=new_token_policy,
         overwrite=overwrite, allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle,
-        allow_tie_mismatch=allow_tie_mismatch, hash_inputs=hash_inputs, progress=not no_progress)
+        allow_tie_mismatch=allow_tie_mismatch, hash_inputs=hash_inputs, max_cache=max_cache, progress=not no_progress)
     lines = [f"wrote {report.out}: {report.tensors} tensors, {report.bytes_written / 1e9:.3f} GB in {report.seconds:.1f}s",
              f"formula: {report.formula}"]
     lines += [f"  {k}: {v}" for k, v in report.counts.items()] + [f"  note: {n}" for n in report.notes]
-    emit(report.__dict__, fmt, "\n".join(lines))
+    data = dict(report.__dict__)
+    if push_to is not None:
+        from ..hub import push
+
+        data["commit_url"] = push(report.out, push_to, progress=not no_progress)
+        lines.append(f"pushed: {data['commit_url']}")
+    emit(data, fmt, "\n".join(lines))
 
 
 def extract_command(
@@ -89,17 +103,23 @@ def extract_command(
 
 
 def demo_command(
-    out: Path | None = typer.Option(None, "--out", "-o", help="Keep the merged demo model in this folder."),
+    out: Path = typer.Option(Path("pdelta-demo"), "--out", "-o",
+                             help="Folder for results.json, the chart and the merged model; a previous demo's folder is replaced."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="First train the four toy models with the toy-world recipe "
+                                 "(several minutes on a CPU) instead of using the shipped ones."),
+    limit: int | None = typer.Option(None, "--limit", help="Questions per task (default: all of them)."),
     no_progress: bool = NO_PROGRESS,
     fmt: Format = FORMAT,
 ) -> None:
-    """ParamΔ end to end on tiny checkpoints built on the spot: apply, check every element, load."""
-    from ..demo import run_demo
+    """ParamΔ on the toy world: post − base + new base from four small shipped models, five models
+    evaluated with lm-eval on questions about facts only the new base knows, an α sweep, a chart.
+    Offline; under a minute on a laptop CPU."""
+    from ..demo import run_demo, table
 
-    summary = run_demo(out, progress=not no_progress)
-    text = "\n".join(f"{k}: {v}" for k, v in summary.items())
-    emit(summary, fmt, text)
-    if summary["mismatched_elements"] or not summary["loads_in_transformers"]:
+    result = run_demo(out, rebuild=rebuild, limit=limit, progress=not no_progress)
+    files = [f"{result['out']}/results.json"] + ([result["plot"]] if result["plot"] else [])
+    emit(result, fmt, f"{table(result)}\n\nwrote {', '.join(files)} ({result['seconds']['total']:.0f}s)")
+    if result.get("expected") and not result["expected"]["ok"]:
         raise typer.Exit(1)
 
 

@@ -11,8 +11,10 @@ import sys
 
 import typer
 
+from ..plugins import register_cli as register_plugin_cli
 from . import apply as apply_cmds
 from . import eval as eval_cmds
+from . import hub as hub_cmds
 from . import inspect as inspect_cmds
 from . import plugins as plugin_cmds
 from . import run as run_cmds
@@ -29,10 +31,12 @@ app = typer.Typer(
 )
 apply_cmds.register(app)
 eval_cmds.register(app)
+hub_cmds.register(app)
 inspect_cmds.register(app)
 plugin_cmds.register(app)
 run_cmds.register(app)
 train_cmds.register(app)
+register_plugin_cli(app)  # plugin command groups (entry-point group paramdelta.cli), after the core ones
 
 
 def main() -> None:
