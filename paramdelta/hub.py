@@ -62,6 +62,14 @@ def is_ref(value: str | os.PathLike) -> bool:
     return bool(_REF.fullmatch(text)) and not text.endswith(".safetensors") and not Path(text).exists()
 
 
+def local_folder(ref: str | os.PathLike, *, progress: bool = True) -> Path:
+    """A local folder for `ref`: the path itself, or the Hub snapshot pulled into the cache.
+
+    For commands that hand a whole model to transformers (eval, train) rather than stream it.
+    """
+    return pull(os.fspath(ref), progress=progress)[0] if is_ref(ref) else Path(ref)
+
+
 def parse_ref(ref: str) -> tuple[str, str | None]:
     """("org/name", "revision" or None) from `org/name[@revision]`."""
     m = _REF.fullmatch(ref)

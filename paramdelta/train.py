@@ -101,7 +101,9 @@ def train(model: str | Path, data: str | Path, out: str | Path, *, steps: int, l
 
     # -- 1. every cheap check before anything heavy --------------------------------------------------
     start = time.perf_counter()
-    model_path, data_path, out = Path(model), Path(data), Path(out)
+    from .hub import local_folder
+
+    model_path, data_path, out = local_folder(model, progress=progress), Path(data), Path(out)
     _check_numbers({"steps": steps, "batch_size": batch_size, "seq_len": seq_len, "grad_accum": grad_accum,
                     "lr": lr, "log_every": log_every}, {"warmup": warmup, "weight_decay": weight_decay})
     _check_choice("dtype", dtype, ("float32", "bfloat16"))

@@ -420,3 +420,20 @@ def test_recipe_pull_apply_push(hub, cache, models, tmp_path, cli):
     code, out, err = pdelta(cli, "run", recipe, "--run-dir", run_dir, "--format", "json")
     assert code == 0, err
     assert [s["status"] for s in json.loads(out)["steps"]] == ["skipped (unchanged)"] * 3
+
+
+def test_whole_model_commands_pull_hub_references(hub, cache, models, tmp_path):
+    """eval and train hand a whole model to transformers: a Hub reference is pulled into the cache first."""
+    import torch
+
+    from paramdelta.plugins import load_model
+    from paramdelta.train import train
+
+    model, tok = load_model(ref(hub, "post"))
+    local, _ = load_model(models["post"])
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), local.state_dict().values()))
+    assert tok("hello world")["input_ids"]
+    data = tmp_path / "d.txt"
+    data.write_text("the cat sat on the mat\n" * 8)
+    report = train(ref(hub, "post"), data, tmp_path / "trained", steps=2, batch_size=2, seq_len=16, progress=False)
+    assert report.steps == 2 and (tmp_path / "trained" / "config.json").is_file()
