@@ -132,6 +132,11 @@ def open_sources(prov: dict[str, Any]) -> Sources:
 
 def _reopen(rec: dict[str, Any], opened: dict[str, Checkpoint]) -> Checkpoint:
     path, role = Path(rec["path"]), rec["role"]
+    gone = not path.is_dir() or any(not (path / n).is_file() for n in rec.get("files") or {})
+    if gone and rec.get("repo") and rec.get("revision"):  # a Hub input whose shards left the cache
+        from .hub import local_folder
+
+        path = local_folder(f"{rec['repo']}@{rec['revision']}")
     if str(path) in opened:
         return opened[str(path)]
     if not path.is_dir():

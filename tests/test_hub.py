@@ -304,6 +304,10 @@ def test_streaming_keeps_shards_on_disk_within_max_cache(hub, cache, models, tmp
     got = [(re.match(r"/org/([\w-]+)/resolve/", p).group(1), p.rsplit("/", 1)[-1]) for p in hub.shard_gets()]
     assert got == expected
 
+    # the shards left the cache, yet verify still re-reads the exact inputs: by repo@commit from provenance
+    code, _, err = pdelta(cli, "verify", tmp_path / "out", "--no-load")
+    assert code == 0, err
+
 
 # -- offline -------------------------------------------------------------------------------------
 def _clone(hub: HubServer) -> HubServer:
