@@ -158,9 +158,10 @@ def load_model(path: str | Path, *, device: str = "cpu", dtype: Any = None) -> t
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .hub import local_folder
+    from .hub import is_ref, local_folder
 
-    path = local_folder(path)  # a Hub reference is pulled into the cache first
+    if is_ref(path):  # a Hub reference is pulled into the cache first
+        path = local_folder(path)
     name = transform_of(path)
     loader = getattr(get(name), "load_model", None) if name else None
     if loader is not None:
