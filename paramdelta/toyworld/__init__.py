@@ -10,7 +10,7 @@ can. Numbers measured on the shipped checkpoints: README.md in this folder.
 
 >>> from paramdelta.toyworld import WorldSpec, write_world
 >>> write_world("runs/world", WorldSpec(seed=0))["vocab_size"]      # doctest: +SKIP
-602
+607
 """
 
 from .build import write_world
