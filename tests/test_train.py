@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import textwrap
 from importlib.metadata import EntryPoint
 from pathlib import Path
@@ -21,7 +20,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from paramdelta import optim
 from paramdelta.checkpoint import Checkpoint
-from paramdelta.cli.main import main
 from paramdelta.errors import OptionError, PdeltaError
 from paramdelta.plugins import PluginError
 from paramdelta.provenance import read_provenance
@@ -63,22 +61,6 @@ def trained(world):
     return out, report
 
 
-@pytest.fixture
-def cli(capfd, monkeypatch):
-    """Run `pdelta ARGS` in-process; returns (exit code, stdout, stderr)."""
-
-    def run(*args) -> tuple[int, str, str]:
-        capfd.readouterr()
-        monkeypatch.setattr(sys, "argv", ["pdelta", *map(str, args)])
-        code = 0
-        try:
-            main()
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        out, err = capfd.readouterr()
-        return code, out, err
-
-    return run
 
 
 def same_weights(a: Path, b: Path) -> bool:
