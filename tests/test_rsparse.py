@@ -308,3 +308,106 @@ def _tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)
+
+
+# -- quality report ------------------------------------------------------------------------------------
+def test_documents_are_tokenised_as_training_does(world, tmp_path):
+    """Calibration lays documents end to end, each ended by eos (no newline tokens between them);
+    held-out windows start at a document's start and are right-padded."""
+    from pdelta_rsparse.quality import heldout_windows
+
+    tok = _tokenizer(world["llama"])
+    docs = ["the cat sleeps in the sun", "a dog runs to the river and back again and again and again"]
+    f = tmp_path / "docs.txt"
+    f.write_text("\n".join(docs) + "\n\n")
+    stream = [t for d in docs for t in tok(d)["input_ids"] + [tok.eos_token_id]]
+    ids, _ = calibration_tokens(tok, f, samples=2, seq_len=len(stream))
+    assert ids[0].tolist() == stream == ids[1].tolist()
+    windows, mask = heldout_windows(tok, f, seq_len=8, max_tokens=1000)
+    first, second = (tok(d)["input_ids"] + [tok.eos_token_id] for d in docs)
+    pieces = [first[i:i + 8] for i in range(0, len(first), 8)] + [second[i:i + 8] for i in range(0, len(second), 8)]
+    pieces = [p for p in pieces if len(p) > 1]
+    assert [row[:int(m.sum())].tolist() for row, m in zip(windows, mask)] == pieces
+
+
+def test_score_lm_ignores_padding_and_measures_kl(world, tmp_path):
+    from pdelta_rsparse.quality import heldout_windows, score_lm
+
+    tok = _tokenizer(world["llama"])
+    f = tmp_path / "held.txt"
+    f.write_text("the cat sleeps in the sun\na dog runs to the river and back again and again\nthe end\n")
+    model = dense(world["llama"])
+    windows, mask = heldout_windows(tok, f, seq_len=16, max_tokens=1000)
+    padded = score_lm(model, windows, mask, batch_size=3)
+    nll = n = 0.0
+    with torch.no_grad():  # one window at a time, no padding at all
+        for row, m in zip(windows, mask):
+            ids = row[:int(m.sum())][None]
+            nll += float(F.cross_entropy(model(input_ids=ids).logits[0, :-1], ids[0, 1:], reduction="sum"))
+            n += ids.shape[1] - 1
+    assert abs(padded["ppl"] - float(torch.tensor(nll / n).exp())) < 1e-3 * padded["ppl"]
+    assert score_lm(model, windows, mask, reference=padded["logprobs"], batch_size=3)["kl"] < 1e-9
+    with torch.no_grad():
+        model.lm_head.weight.add_(torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(0)))
+    assert score_lm(model, windows, mask, reference=padded["logprobs"], batch_size=3)["kl"] > 1e-4
+
+
+def test_toy_world_calibration_text_holds_only_facts_a(tmp_path):
+    import json as _json
+
+    from pdelta_rsparse.toyworld import calibration_file
+
+    from paramdelta.demo import DEMO_DATA
+
+    note = calibration_file(tmp_path / "cal.txt")
+    text = (tmp_path / "cal.txt").read_text()
+    assert "pretrain_a.txt" in note and "instruct_a.jsonl" in note
+    assert "<|user|>" in text and "<|endoftext|>" in text and len(text.splitlines()) > 5000
+    bios = [_json.loads(line)["text"] for line in (DEMO_DATA / "tasks" / "bios_b.jsonl").read_text().splitlines()]
+    names = {b.split(" was born")[0] for b in bios}
+    assert len(names) == 100 and not [n for n in names if n in text]
+
+
+def test_toy_world_report_writes_variants_and_sets_the_mode(tmp_path, monkeypatch):
+    """The report's glue, with lm-eval replaced: three checkpoints per sparsity (search, the uniform ρ
+    the next-token report picked, TEAL), each loaded through the plugin loader in the mode asked for."""
+    from types import SimpleNamespace
+
+    from pdelta_rsparse import toyworld
+
+    from paramdelta.plugins import load_model
+
+    seen = []
+
+    def fake_evaluate(models, tasks, **kw):
+        results = []
+        for ref in models:
+            model, _ = load_model(ref)
+            modes = {m.mode for m in model.modules() if isinstance(m, RSparseLinear)}
+            config = json.loads((Path(ref) / "config.json").read_text()).get("rsparse")
+            seen.append((Path(ref).name, modes, config and (config["search"], config["score"],
+                                                            {x["rho"] for x in config["layers"].values()})))
+            scores: dict[str, dict] = {}
+            for task, metric, *_ in toyworld.METRICS:
+                scores.setdefault(task, {})[metric] = (0.5, None)
+            results.append(SimpleNamespace(scores=scores))
+        return SimpleNamespace(models=results)
+
+    monkeypatch.setattr(toyworld, "_evaluate", fake_evaluate)
+    result = toyworld.toyworld_report(tmp_path / "out", sparsities=[0.5], max_tokens=200, samples=2)
+    uniform = next(r["rho"] for r in result["next_token"] if r.get("kind") == "uniform")
+    assert seen[0] == ("paramdelta", set(), None)
+    by_mode = {mode: {name: cfg for name, modes, cfg in seen[1:] if modes == {mode}} for mode in ("auto", "sparse")}
+    for mode in ("auto", "sparse"):
+        assert by_mode[mode]["s0.5-uniform"] == ("none", "weighted", {uniform})
+        assert by_mode[mode]["s0.5-teal"] == ("none", "abs", {1.0})
+        assert by_mode[mode]["s0.5-search"][:2] == ("layerwise", "weighted")
+    assert len(result["lm_eval"]) == 7 and "goal" in result["text"]
+    assert (tmp_path / "out" / "results.json").is_file()
+
+
+def test_quality_command_needs_a_model_or_the_toy_world(cli, tmp_path):
+    code, _, err = cli("rsparse", "quality")
+    assert code != 0 and "--toy-world" in err
+    code, _, err = cli("rsparse", "quality", "--toy-world", tmp_path, "--out", tmp_path / "o")
+    assert code != 0 and "drop MODEL" in err

@@ -4,8 +4,9 @@ The model runs once, dense, over `samples` windows of `seq_len` tokens (one batc
 pre-hook on each targeted linear receives that layer's inputs, runs the layer's search on the
 spot (`search.search_layer`) and drops them, so only one layer's inputs are held at a time.
 
-Files: `.txt` is read as one text; `.jsonl` holds one object per line with a "text" field
-(or "prompt" + "completion"). The text is tokenised once and cut into windows.
+Files: a `.txt` holds one document per line; a `.jsonl` one object per line with a "text" field
+(or "prompt" + "completion"). Each document is tokenised as `paramdelta.train` does (the
+tokenizer's special tokens, then eos), and the documents laid end to end are cut into windows.
 
 >>> tokens, source = calibration_tokens(tokenizer, None, samples=16, seq_len=128)   # doctest: +SKIP
 >>> settings = calibrate(model, tokens, layers, sparsity=0.5)                       # doctest: +SKIP
@@ -57,49 +58,59 @@ class CalibrationError(Exception):
     """Raised for unusable calibration text; the transform turns it into an OptionError."""
 
 
-def read_text(path: Path | None) -> tuple[str, str]:
-    """(text, source description) from a .txt/.jsonl file, or the built-in sample when `path` is None."""
+def read_documents(path: Path | None) -> tuple[list[str], str]:
+    """(documents, source) as `paramdelta.train` reads them: one per non-blank .txt line, one per .jsonl
+    record ("text", or prompt + completion); the built-in sample's paragraphs when `path` is None."""
     if path is None:
-        return BUILTIN_TEXT, "built-in generic text sample"
+        return [line for line in BUILTIN_TEXT.splitlines() if line.strip()], "built-in generic text sample"
     raw = path.read_text(encoding="utf-8", errors="replace")
-    if path.suffix == ".jsonl":
-        parts = []
-        for i, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                raise CalibrationError(f"{path}:{i}: not a JSON object") from None
-            if isinstance(rec, dict) and isinstance(rec.get("text"), str):
-                parts.append(rec["text"])
-            elif isinstance(rec, dict) and isinstance(rec.get("prompt"), str):
-                parts.append(rec["prompt"] + str(rec.get("completion", "")))
-            else:
-                raise CalibrationError(f'{path}:{i}: expected {{"text": ...}} or {{"prompt": ..., "completion": ...}}')
-        raw = "\n".join(parts)
-    if not raw.strip():
+    docs = []
+    for i, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix != ".jsonl":
+            docs.append(line)
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            raise CalibrationError(f"{path}:{i}: not a JSON object") from None
+        if isinstance(rec, dict) and isinstance(rec.get("text"), str):
+            docs.append(rec["text"])
+        elif isinstance(rec, dict) and isinstance(rec.get("prompt"), str):
+            docs.append(rec["prompt"] + str(rec.get("completion", "")))
+        else:
+            raise CalibrationError(f'{path}:{i}: expected {{"text": ...}} or {{"prompt": ..., "completion": ...}}')
+    if not any(d.strip() for d in docs):
         raise CalibrationError(f"{path}: holds no text")
-    return raw, str(path)
+    return docs, str(path)
+
+
+def document_ids(tokenizer, doc: str) -> list[int]:
+    """One document's ids as training sees them: the tokenizer's own special tokens, then eos.
+
+    Joining documents with newlines instead would feed the model a token it never trained on
+    (the toy world's word-level tokenizer maps "\\n" to <|unk|>), which skews both thresholds
+    and held-out perplexity.
+    """
+    ids = tokenizer(doc, add_special_tokens=True)["input_ids"]
+    eos = tokenizer.eos_token_id
+    return ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids
 
 
 def calibration_tokens(tokenizer, path: Path | None, *, samples: int, seq_len: int) -> tuple[torch.Tensor, str]:
-    """Up to `samples` windows of `seq_len` token ids (fewer when the text is short), and the source.
+    """`samples` windows of `seq_len` token ids cut from the documents laid end to end, and the source.
 
-    The text is repeated when it holds fewer than samples × seq_len tokens (the built-in sample is
-    ~900 words), so short files still give the requested count; the source line says so.
+    The documents are repeated when they hold fewer than samples × seq_len tokens (the built-in
+    sample is ~900 words), so short files still give the requested count; the source line says so.
     """
-    text, source = read_text(path)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    docs, source = read_documents(path)
+    ids = [t for d in docs for t in document_ids(tokenizer, d)]
     if len(ids) < 2:
         raise CalibrationError(f"{source}: fewer than 2 tokens after tokenising")
     want, unique = samples * seq_len, len(ids)
     repeats = -(-want // unique)
-    ids = (ids * repeats)[:want]
-    bos = tokenizer.bos_token_id
-    windows = torch.tensor(ids, dtype=torch.long).view(samples, seq_len)
-    if bos is not None:
-        windows = torch.cat([torch.full((samples, 1), bos, dtype=torch.long), windows[:, :-1]], dim=1)
+    windows = torch.tensor((ids * repeats)[:want], dtype=torch.long).view(samples, seq_len)
     note = f"{source}: {samples} × {seq_len} = {samples * seq_len} tokens"
     if repeats > 1:
         note += f" (its {unique} tokens repeated to fill them)"

@@ -74,19 +74,40 @@ def bench_command(
 
 @app.command("quality")
 def quality_command(
-    model: str = typer.Argument(..., help="Dense checkpoint (a small trained Llama/Qwen2/Mistral)."),
-    text: Path = typer.Option(..., "--text", help="Held-out .txt/.jsonl text for next-token accuracy and perplexity."),
+    model: str = typer.Argument(None, help="Dense checkpoint (a small trained Llama/Qwen2/Mistral)."),
+    text: Path = typer.Option(None, "--text", help="Held-out .txt (a document per line) or .jsonl text to score."),
     calibration: Path = typer.Option(None, "--calibration", help="Calibration text (default: built-in sample)."),
     sparsities: str = typer.Option("0.4,0.5,0.7", "--sparsity", help="Comma-separated sparsities."),
     rho: str = typer.Option("best", "--rho", help="Uniform ρ to compare against: a number, or 'best' of the grid."),
     max_tokens: int = typer.Option(16384, "--max-tokens", help="Held-out tokens scored."),
+    toy_world: bool = typer.Option(False, "--toy-world", help="The whole report on the toy world's ParamΔ model: "
+                                   "builds it, calibrates on facts A, lm-eval + next-token on facts B."),
+    out: Path = typer.Option(Path("rsparse-toyworld"), "--out", help="With --toy-world: work folder (replaced)."),
+    limit: int = typer.Option(None, "--limit", help="With --toy-world: lm-eval examples per task (default all)."),
     fmt: Format = FORMAT,
 ) -> None:
-    """Accuracy and perplexity vs dense: R-Sparse with the search, uniform ρ, and sparse-only (TEAL-style)."""
+    """Accuracy, perplexity and KL vs dense: R-Sparse with the search, uniform ρ, and sparse only (TEAL-style).
+
+    Example: pdelta rsparse quality --toy-world        (the toy world's ParamΔ model, ~2 min on one core)
+             pdelta rsparse quality MODEL --text heldout.txt --calibration cal.txt
+    """
+    from paramdelta.errors import OptionError
+
+    spars = [float(s) for s in sparsities.split(",")]
+    if toy_world:
+        from .toyworld import toyworld_report
+
+        if model is not None or text is not None or calibration is not None or rho != "best":
+            raise OptionError("--toy-world builds its own model, held-out and calibration text and picks the best ρ",
+                              hint="drop MODEL, --text, --calibration and --rho, or drop --toy-world")
+        result = toyworld_report(out, sparsities=spars, limit=limit, max_tokens=max_tokens)
+        emit(result, fmt, result["text"])
+        return
+    if model is None or text is None:
+        raise OptionError("quality needs MODEL and --text HELDOUT", hint="or pass --toy-world for the toy world report")
     from .quality import quality_report
 
-    result = quality_report(model, text, calibration=calibration,
-                            sparsities=[float(s) for s in sparsities.split(",")], rho=rho, max_tokens=max_tokens)
+    result = quality_report(model, text, calibration=calibration, sparsities=spars, rho=rho, max_tokens=max_tokens)
     emit(result, fmt, result["text"])
 
 

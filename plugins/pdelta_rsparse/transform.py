@@ -44,7 +44,8 @@ class RSparseOptions:
     sparsity: float = field(default=0.5, metadata={"help": "Share of each targeted layer's weight bytes NOT read "
                                                            "per decode token, in [0, 1)."})
     calibration: Path | None = field(default=None, metadata={
-        "help": "Local .txt or .jsonl ({\"text\": ...}) calibration text; default: a small built-in generic sample."})
+        "help": "Local .txt (a document per line) or .jsonl ({\"text\": ...}) calibration text; "
+                "default: a small built-in generic sample."})
     samples: int = field(default=16, metadata={"help": "Calibration windows."})
     seq_len: int = field(default=128, metadata={"help": "Tokens per calibration window."})
     search: Literal["layerwise", "none"] = field(default="layerwise", metadata={
