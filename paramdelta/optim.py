@@ -149,12 +149,18 @@ def adamw(model: torch.nn.Module, *, lr: float, weight_decay: float, betas: Any 
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes held in the optimizer's tensor state (moments, projectors, step counters)."""
+    """Bytes this process holds in the optimizer's tensor state (moments, projectors, step counters).
+
+    Sharded state (FSDP2 DTensors) counts this rank's shard: that is the memory the process pays.
+    """
     import torch
+    from torch.distributed.tensor import DTensor
 
     total = 0
     for per_param in optimizer.state_dict()["state"].values():
         for v in per_param.values():
+            if isinstance(v, DTensor):
+                v = v.to_local()
             if isinstance(v, torch.Tensor):
                 total += v.numel() * v.element_size()
     return total
