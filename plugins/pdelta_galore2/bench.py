@@ -150,7 +150,8 @@ class _Run:
 
         from paramdelta.optim import adamw
 
-        from .optimizer import galore2, targeted
+        from .optimizer import galore2
+        from .options import targeted
 
         if cfg["threads"]:
             torch.set_num_threads(cfg["threads"])

@@ -30,7 +30,7 @@ from paramdelta.errors import CheckpointError, OptionError
 from paramdelta.plugins import TransformPlan
 from paramdelta.writer import OutTensor
 
-from .optimizer import TARGETS, check, parse_targets
+from .options import TARGETS, check, parse_targets
 
 OPTIMIZER_KEYS = ("rank", "update_period", "scale", "targets", "per_layer", "proj_bits")
 
