@@ -112,6 +112,29 @@ class InitStep:  # the keys of paramdelta.train.init_model; config is a mapping 
 
 
 @dataclass(frozen=True, kw_only=True)
+class EvalLengthStep:  # paramdelta.lengtheval.eval_length; writes JSON at the output (+ .png with plot)
+    models: list  # paths, or PATH@pi:F / PATH@yarn:F
+    data: str
+    lengths: list
+    stride_fraction: float = 0.5
+    probe_trials: int = 32
+    train_length: int | None = None
+    max_tokens: int | None = None
+    batch_size: int = 8
+    seed: int = 0
+    device: str = "cpu"
+    plot: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class PackDocsStep:  # paramdelta.lengtheval.pack_documents: train.txt + eval.txt of long documents
+    data: str
+    tokenizer: str
+    min_tokens: int
+    holdout: float = 0.1
+
+
+@dataclass(frozen=True, kw_only=True)
 class PullStep:  # paramdelta.hub.pull: the step's output folder receives the files
     ref: str  # org/name[@revision]
 
@@ -126,7 +149,8 @@ class PushStep:  # paramdelta.hub.push: uploads `model` with a model card; the s
 
 
 CORE_OPS: dict[str, type] = {"apply": ApplyStep, "extract": ExtractStep, "eval": EvalStep, "train": TrainStep,
-                             "init": InitStep, "pull": PullStep, "push": PushStep, "toy-world": WorldSpec}
+                             "init": InitStep, "pull": PullStep, "push": PushStep, "toy-world": WorldSpec,
+                             "eval-length": EvalLengthStep, "pack-docs": PackDocsStep}
 COMMON_KEYS = ("id", "op", "out")
 TRANSFORM_KEYS = ("in", "max_shard_size")
 
@@ -304,7 +328,7 @@ def run_recipe(recipe: Recipe, *, run_dir: str | Path | None = None, dry_run: bo
     results = []
     for step in recipe.steps:
         out = outputs[step.id]
-        if step.op in ("eval", "push") and not step.out:
+        if step.op in ("eval", "push", "eval-length") and not step.out:
             out = str(run_dir / f"{step.id}.json")
         names[step.id] = out
         started = started or step.id == from_step
@@ -366,7 +390,7 @@ def _check_values(recipe: Recipe, names: dict[str, Any]) -> None:
 
 
 def _stamp_path(op: str, out: str) -> Path:
-    return Path(out + ".recipe.json") if op in ("eval", "push") else Path(out) / STAMP
+    return Path(out + ".recipe.json") if op in ("eval", "push", "eval-length") else Path(out) / STAMP
 
 
 def _execute(op: str, opts: dict[str, Any], out: str, progress: bool) -> dict[str, Any]:
@@ -415,6 +439,10 @@ def _execute(op: str, opts: dict[str, Any], out: str, progress: bool) -> dict[st
         init_model(s.config, s.tokenizer, out, seed=s.seed, dtype=s.dtype, max_shard_size=s.max_shard_size,
                    overwrite=True)
         return {"seed": s.seed}
+    if op in ("eval-length", "pack-docs"):
+        from . import lengtheval
+
+        return lengtheval.run_step(op, opts, out, progress)
     if op == "toy-world":
         from .toyworld import write_world
 
@@ -513,6 +541,8 @@ def _plan(op: str, opts: dict[str, Any], produced: set[str]) -> dict[str, Any]:
         return {"tokenizer": s.tokenizer, "seed": s.seed}
     if op == "toy-world":
         return dataclasses.asdict(make_options(WorldSpec, opts, "toy-world"))
+    if op in ("eval-length", "pack-docs"):
+        return dataclasses.asdict(make_options(CORE_OPS[op], opts, op))
     transform = get(op)
     opts = dict(opts)
     src = opts.pop("in", None)

@@ -14,6 +14,7 @@ import typer
 from ..plugins import register_cli as register_plugin_cli
 from . import apply as apply_cmds
 from . import eval as eval_cmds
+from . import evallength as evallength_cmds
 from . import hub as hub_cmds
 from . import inspect as inspect_cmds
 from . import plugins as plugin_cmds
@@ -31,6 +32,7 @@ app = typer.Typer(
 )
 apply_cmds.register(app)
 eval_cmds.register(app)
+evallength_cmds.register(app)
 hub_cmds.register(app)
 inspect_cmds.register(app)
 plugin_cmds.register(app)
