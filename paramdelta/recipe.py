@@ -100,6 +100,9 @@ class TrainStep:  # the keys of paramdelta.train.train
     max_grad_norm: float | None = 1.0
     loss_on: str = "auto"
     max_shard_size: str = "5GB"
+    save_state_every: int | None = None  # DCP training state every K steps, in state_dir (default OUT.state)
+    state_dir: str | None = None
+    resume: str | None = None  # a state folder from an interrupted run of this same step
 
 
 @dataclass(frozen=True, kw_only=True)

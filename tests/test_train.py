@@ -238,7 +238,8 @@ def test_recipe_init_then_train_twice(world, tmp_path, cli, monkeypatch):
             seed: 3
             config: {{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2,
                       num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 64}}
-          - {{id: base, op: train, model: "${{init}}", data: "${{text}}", steps: 8, lr: 0.01, seq_len: 32}}
+          - {{id: base, op: train, model: "${{init}}", data: "${{text}}", steps: 8, lr: 0.01, seq_len: 32,
+             save_state_every: 4}}
           - id: post
             op: train
             model: ${{base}}
@@ -252,6 +253,7 @@ def test_recipe_init_then_train_twice(world, tmp_path, cli, monkeypatch):
     assert code == 0, err
     steps = json.loads(out)["steps"]
     assert [s["status"] for s in steps] == ["ran"] * 3
+    assert sorted(p.name for p in (tmp_path / "runs" / "base.state").iterdir()) == ["step-000004", "step-000008"]
     post = tmp_path / "runs" / "post"
     AutoModelForCausalLM.from_pretrained(post)
     prov = read_provenance(Checkpoint.open(post))
