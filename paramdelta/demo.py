@@ -29,13 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from .errors import OptionError
+from .writer import fresh_work_folder
 
 DEMO_DATA = Path(__file__).parent / "demo_data"
 RECIPE = DEMO_DATA / "toy-world.yaml"
 TRAINED = ("base", "post", "new_base", "reference")
 LABELS = {"base": "base", "post": "post", "new_base": "new base", "paramdelta": "ParamΔ", "reference": "reference"}
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
-MARKER = ".pdelta-demo"  # in the output folder: the demo may replace a folder that holds it, and no other
 COLUMNS = [  # (task, metric, header, format)
     ("toyworld_qa", "exact_match", "exact match", "{:.1%}"),
     ("toyworld_qa", "format", "format", "{:.1%}"),
@@ -66,7 +66,7 @@ def _run_demo(out: Path, *, rebuild: bool, limit: int | None, batch_size: int, p
         raise OptionError("the demo evaluates with lm-eval, which is not installed",
                           hint="pip install 'paramdelta[eval,plot]'")
     start = time.perf_counter()
-    out = _fresh_output(out)
+    out = fresh_work_folder(out, "pdelta demo")
     seconds: dict[str, float] = {}
     if rebuild:
         t = time.perf_counter()
@@ -157,18 +157,6 @@ def compare_expected(result: dict[str, Any], expected_file: Path = DEMO_DATA / "
 def _scores(scores: dict[str, dict[str, tuple[float, float | None]]]) -> dict[str, float]:
     return {metric: scores[task][metric][0] for task, metric, *_ in COLUMNS
             if metric in scores.get(task, {})}
-
-
-def _fresh_output(out: Path) -> Path:
-    """Replace a previous demo's folder; refuse to touch any other non-empty folder."""
-    if out.exists():
-        if not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).is_file()):
-            raise OptionError(f"{out} exists and was not written by `pdelta demo`",
-                              hint="pass --out NEW_FOLDER (the demo replaces only its own output)")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    (out / MARKER).write_text("written by `pdelta demo`; the next demo run replaces this folder\n")
-    return out
 
 
 def _rebuild(run_dir: Path, progress: bool) -> tuple[dict[str, Path], Path]:

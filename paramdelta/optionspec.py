@@ -121,11 +121,18 @@ def describe(cls: type) -> list[dict[str, str]]:
     """One row per option: flag, type, default, help (for `pdelta plugins info`)."""
     rows = []
     for name, (tp, f) in fields(cls).items():
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+        if f.default is not dataclasses.MISSING:
+            default = _shown(f.default)
+        else:
+            default = _shown(f.default_factory()) if f.default_factory is not dataclasses.MISSING else "(required)"
         rows.append({"flag": f"--{name.replace('_', '-')}", "key": name, "type": _type_name(tp),
-                     "default": repr(default), "help": f.metadata.get("help", "")})
+                     "default": default, "help": f.metadata.get("help", "")})
     return rows
+
+
+def _shown(value: Any) -> str:
+    """A default as it would be typed on the command line: sequences comma-separated, like their flags."""
+    return ",".join(map(str, value)) if isinstance(value, tuple | list) else repr(value)
 
 
 def _type_name(tp: Any) -> str:

@@ -103,6 +103,25 @@ def encode_header(tensors: Iterable[OutTensor], metadata: dict[str, str]) -> byt
     return len(raw).to_bytes(8, "little") + raw
 
 
+def fresh_work_folder(out: Path, command: str) -> Path:
+    """An empty folder for `command`'s working output (a report, a demo), replacing one it wrote before.
+
+    A marker file names the command; any other non-empty folder (another command's included) is
+    refused, so a typo in --out never deletes somebody's files.
+
+    >>> fresh_work_folder(Path("pdelta-demo"), "pdelta demo")   # doctest: +SKIP
+    """
+    marker, stamp = out / ".pdelta-work", f"written by `{command}`; its next run replaces this folder\n"
+    if out.exists():
+        if not out.is_dir() or (any(out.iterdir()) and not (marker.is_file() and marker.read_text() == stamp)):
+            raise OptionError(f"{out} exists and was not written by `{command}`",
+                              hint="pass --out NEW_FOLDER (only the command's own earlier output is replaced)")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    marker.write_text(stamp)
+    return out
+
+
 def check_target(out: Path, inputs: Iterable[Path], overwrite: bool) -> None:
     """Refuse an output that is, contains or sits inside an input, or that would clobber files."""
     target = out.resolve()

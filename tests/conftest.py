@@ -25,6 +25,19 @@ def _no_progress():
         os.environ["PDELTA_NO_PROGRESS"] = old
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread while a module trains its tiny models: they gain nothing from a second thread,
+    and on cores shared with other work two OpenMP threads waiting on each other made test_train 8x
+    slower (43 s against 5.6 s). Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture
 def cli(capfd, monkeypatch):
     """Run `pdelta ARGS` through main() in-process; returns (exit code, stdout, stderr).

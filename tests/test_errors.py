@@ -432,3 +432,21 @@ def test_real_process_exit_code(triple, out):
                                         *apply_args(post, base, new_base, out)])
     assert_clean_error(code, err, LAYER, out=out)
     assert stdout == ""
+
+
+def test_work_folder_replaces_only_its_own_commands_output(tmp_path):
+    from paramdelta.errors import OptionError
+    from paramdelta.writer import fresh_work_folder
+
+    out = fresh_work_folder(tmp_path / "report", "pdelta demo")
+    (out / "results.json").write_text("{}")
+    assert list(fresh_work_folder(out, "pdelta demo").iterdir()) == [out / ".pdelta-work"]  # replaced, emptied
+    (out / "results.json").write_text("{}")
+    with pytest.raises(OptionError, match="was not written by `pdelta rsparse quality --toy-world`"):
+        fresh_work_folder(out, "pdelta rsparse quality --toy-world")  # another command's folder
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(OptionError, match="was not written by"):
+        fresh_work_folder(mine, "pdelta demo")
+    assert (mine / "notes.txt").read_text() == "keep me" and (out / "results.json").exists()

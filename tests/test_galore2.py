@@ -38,12 +38,7 @@ SENTENCES = ["the quick brown fox jumps over the lazy dog.", "a model learns fro
              "the river runs to the sea.", "how many days are in a week? seven."]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_llama(seed: int = 0) -> torch.nn.Module:

@@ -25,13 +25,15 @@ from paramdelta.plugins import load_model as plugin_load_model
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "tapa-retrofit.yaml"
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
+def _offline(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.delenv("PDELTA_DEBUG", raising=False)
-    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

@@ -127,17 +127,6 @@ def test_qa_metrics(reply, kind, answer, expected):
 
 
 # -- the tiny recipe, end to end --------------------------------------------------------------
-@pytest.fixture
-def one_thread():
-    """Models this small train fastest on one thread (2 threads cost ~4x when the other core is busy)."""
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def test_tiny_recipe_end_to_end(tmp_path, monkeypatch, one_thread):
     from paramdelta.recipe import load_recipe, run_recipe
 

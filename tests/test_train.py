@@ -30,14 +30,7 @@ SENTENCES = ["the quick brown fox jumps over the lazy dog.", "numbers such as on
 QUICK = dict(lr=1e-2, batch_size=8, seq_len=64, progress=False)  # shared by the small runs
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls gain nothing from a second thread, and on cores shared with other work two OpenMP
-    threads waiting on each other made this file 8x slower (43 s against 5.6 s)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

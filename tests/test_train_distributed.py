@@ -32,12 +32,7 @@ SENTENCES = ["the quick brown fox jumps over the lazy dog.", "numbers such as on
 RUN = dict(steps=6, lr=1e-2, batch_size=5, grad_accum=2, seq_len=64, weight_decay=0.1, progress=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

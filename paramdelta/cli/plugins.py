@@ -6,7 +6,17 @@ from pathlib import Path
 
 import typer
 
-from .options import ALLOW_PICKLE, FORMAT, MAX_SHARD_SIZE, NO_PROGRESS, OVERWRITE, Format, emit
+from .options import (
+    ALLOW_PICKLE,
+    FORMAT,
+    MAX_SHARD_SIZE,
+    NO_PROGRESS,
+    OVERWRITE,
+    PASSTHROUGH,
+    Format,
+    emit,
+    run_and_report,
+)
 
 plugins_app = typer.Typer(help="List and describe installed transforms (entry-point group paramdelta.transforms).",
                           no_args_is_help=True)
@@ -58,17 +68,13 @@ def transform_command(
     """Run transform NAME on a checkpoint; its own options follow as --key value (see `pdelta plugins info NAME`)."""
     from ..optionspec import parse_flags
     from ..plugins import get
-    from ..transform import run_transform
 
-    t = get(name)
-    values = parse_flags(t.Options, list(ctx.args), name)
-    report = run_transform(name, src, out, values, max_shard_size=max_shard_size, overwrite=overwrite,
-                           allow_pickle=allow_pickle, progress=not no_progress)
-    text = f"wrote {report.out}: {report.tensors} tensors by {name} in {report.seconds:.1f}s"
-    emit(report.__dict__, fmt, "\n".join([text] + [f"  note: {n}" for n in report.notes]))
+    values = parse_flags(get(name).Options, list(ctx.args), name)
+    run_and_report(name, src, out, values, max_shard_size=max_shard_size, overwrite=overwrite,
+                   no_progress=no_progress, fmt=fmt, allow_pickle=allow_pickle)
 
 
 def register(app: typer.Typer) -> None:
     app.add_typer(plugins_app, name="plugins")
-    app.command("transform", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
+    app.command("transform", context_settings=PASSTHROUGH)(
         transform_command)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from .options import FORMAT, MAX_SHARD_SIZE, NO_PROGRESS, OVERWRITE, Format, emit
+from .options import FORMAT, MAX_SHARD_SIZE, NO_PROGRESS, OVERWRITE, PASSTHROUGH, Format, emit
 
 
 class DType(str, Enum):
@@ -138,5 +138,5 @@ def extra_options(ctx: typer.Context, options: dict) -> dict:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(train_command)
+    app.command("train", context_settings=PASSTHROUGH)(train_command)
     app.command("init")(init_command)

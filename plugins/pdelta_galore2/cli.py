@@ -10,25 +10,25 @@ from pathlib import Path
 
 import typer
 
-from paramdelta.cli.options import FORMAT, MAX_SHARD_SIZE, NO_PROGRESS, OVERWRITE, Format, emit
+from paramdelta.cli.options import (
+    FORMAT,
+    MAX_SHARD_SIZE,
+    NO_PROGRESS,
+    OVERWRITE,
+    PASSTHROUGH,
+    Format,
+    emit,
+    options_epilog,
+    run_and_report,
+)
+
+from .transform import GaLore2Options
 
 app = typer.Typer(help="GaLore 2: continued training with low-rank gradient projection (DESIGN.md §10).",
                   no_args_is_help=True)
 
 
-def _options_help() -> str:
-    from .transform import GaLore2Options
-
-    rows = []
-    for name, f in GaLore2Options.__dataclass_fields__.items():
-        default = f.default if not isinstance(f.default, tuple) else ",".join(f.default)
-        default = "(required)" if name == "data" else default
-        rows.append(f"--{name.replace('_', '-')} (default {default}): {f.metadata.get('help', '')}")
-    return "Training options:\n\n" + "\n\n".join(rows)
-
-
-@app.command("apply", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-             epilog=_options_help())
+@app.command("apply", context_settings=PASSTHROUGH, epilog=options_epilog(GaLore2Options, "Training options"))
 def apply_command(
     ctx: typer.Context,
     src: str = typer.Argument(..., help="Checkpoint folder (or org/name@rev) to keep training; tokenizer inside."),
@@ -43,15 +43,10 @@ def apply_command(
     Example: pdelta galore2 apply base --out base-2 --data more.txt --steps 600 --rank 32 --update-period 200
     """
     from paramdelta.optionspec import parse_flags
-    from paramdelta.transform import run_transform
-
-    from .transform import GaLore2Options
 
     values = parse_flags(GaLore2Options, list(ctx.args), "galore2")
-    report = run_transform("galore2", src, out, values, max_shard_size=max_shard_size, overwrite=overwrite,
-                           progress=not no_progress)
-    text = f"wrote {report.out}: {report.tensors} tensors in {report.seconds:.1f}s"
-    emit(report.__dict__, fmt, "\n".join([text] + [f"  note: {n}" for n in report.notes]))
+    run_and_report("galore2", src, out, values, max_shard_size=max_shard_size, overwrite=overwrite,
+                   no_progress=no_progress, fmt=fmt)
 
 
 @app.command("bench")

@@ -10,24 +10,25 @@ from pathlib import Path
 
 import typer
 
-from paramdelta.cli.options import FORMAT, MAX_SHARD_SIZE, NO_PROGRESS, OVERWRITE, Format, emit
+from paramdelta.cli.options import (
+    FORMAT,
+    MAX_SHARD_SIZE,
+    NO_PROGRESS,
+    OVERWRITE,
+    PASSTHROUGH,
+    Format,
+    emit,
+    options_epilog,
+    run_and_report,
+)
+
+from .transform import RSparseOptions
 
 app = typer.Typer(help="R-Sparse: rank-aware activation sparsity for fast batch-1 decoding (DESIGN.md §7).",
                   no_args_is_help=True)
 
 
-def _options_help() -> str:
-    from .transform import RSparseOptions
-
-    rows = []
-    for name, f in RSparseOptions.__dataclass_fields__.items():
-        default = f.default if not isinstance(f.default, tuple) else ",".join(f.default)
-        rows.append(f"--{name.replace('_', '-')} (default {default}): {f.metadata.get('help', '')}")
-    return "Transform options:\n\n" + "\n\n".join(rows)
-
-
-@app.command("apply", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-             epilog=_options_help())
+@app.command("apply", context_settings=PASSTHROUGH, epilog=options_epilog(RSparseOptions, "Transform options"))
 def apply_command(
     ctx: typer.Context,
     src: str = typer.Argument(..., help="Dense Llama/Qwen2/Mistral checkpoint folder."),
@@ -42,15 +43,10 @@ def apply_command(
     Example: pdelta rsparse apply llama/ --out llama-rs --sparsity 0.5 --calibration notes.txt
     """
     from paramdelta.optionspec import parse_flags
-    from paramdelta.transform import run_transform
-
-    from .transform import RSparseOptions
 
     values = parse_flags(RSparseOptions, list(ctx.args), "rsparse")
-    report = run_transform("rsparse", src, out, values, max_shard_size=max_shard_size, overwrite=overwrite,
-                           progress=not no_progress)
-    text = f"wrote {report.out}: {report.tensors} tensors in {report.seconds:.1f}s"
-    emit(report.__dict__, fmt, "\n".join([text] + [f"  note: {n}" for n in report.notes]))
+    run_and_report("rsparse", src, out, values, max_shard_size=max_shard_size, overwrite=overwrite,
+                   no_progress=no_progress, fmt=fmt)
 
 
 @app.command("bench")

@@ -34,10 +34,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from paramdelta.errors import OptionError, PdeltaError
+from paramdelta.errors import PdeltaError
+from paramdelta.writer import fresh_work_folder
 
 SPARSITIES = (0.4, 0.5, 0.7)
-MARKER = ".pdelta-rsparse-toyworld"  # the report replaces only a folder that holds this file
 VARIANTS = {  # kind -> (label, transform options besides sparsity/calibration); "uniform" gets its ρ at run time
     "search": ("R-Sparse, search", {"search": "layerwise"}),
     "uniform": ("R-Sparse, uniform ρ", {"search": "none"}),
@@ -90,7 +90,7 @@ def toyworld_report(out: str | Path = "rsparse-toyworld", *, sparsities: list[fl
         torch.set_num_threads(threads)
     try:
         start = time.perf_counter()
-        out = _fresh(Path(out))
+        out = fresh_work_folder(Path(out), "pdelta rsparse quality --toy-world")
         calib = out / "calibration.txt"
         calib_note = calibration_file(calib)
         dense = out / "paramdelta"
@@ -208,17 +208,6 @@ def _mode(mode: str):
             os.environ.pop(MODE_ENV, None)
         else:
             os.environ[MODE_ENV] = old
-
-
-def _fresh(out: Path) -> Path:
-    if out.exists():
-        if not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).is_file()):
-            raise OptionError(f"{out} exists and was not written by `pdelta rsparse quality --toy-world`",
-                              hint="pass --out NEW_FOLDER (the report replaces only its own output)")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    (out / MARKER).write_text("written by `pdelta rsparse quality --toy-world`; the next run replaces this folder\n")
-    return out
 
 
 def _log(msg: str) -> None:

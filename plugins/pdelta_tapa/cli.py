@@ -10,36 +10,24 @@ from pathlib import Path
 
 import typer
 
-from paramdelta.cli.options import FORMAT, MAX_SHARD_SIZE, NO_PROGRESS, OVERWRITE, Format, emit
+from paramdelta.cli.options import (
+    FORMAT,
+    MAX_SHARD_SIZE,
+    NO_PROGRESS,
+    OVERWRITE,
+    PASSTHROUGH,
+    Format,
+    options_epilog,
+    run_and_report,
+)
+
+from .transform import TapaOptions
 
 app = typer.Typer(help="TAPA: Token-Aware Phase Attention for Llama-family models (DESIGN.md §9).",
                   no_args_is_help=True)
-EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
-def _options_help() -> str:
-    from .transform import TapaOptions
-
-    rows = [f"--{name.replace('_', '-')} (default {f.default}): {f.metadata.get('help', '')}"
-            for name, f in TapaOptions.__dataclass_fields__.items()]
-    return "Options:\n\n" + "\n\n".join(rows)
-
-
-def _run(src: str, out: Path, values: dict, max_shard_size: str, overwrite: bool, no_progress: bool,
-         fmt: Format) -> None:
-    import os
-
-    from paramdelta.transform import run_transform
-
-    if no_progress:  # the fine-tune's bar and transformers' loading bars read this too
-        os.environ["PDELTA_NO_PROGRESS"] = "1"
-    report = run_transform("tapa", src, out, values, max_shard_size=max_shard_size, overwrite=overwrite,
-                           progress=not no_progress)
-    text = f"wrote {report.out}: {report.tensors} tensors in {report.seconds:.1f}s"
-    emit(report.__dict__, fmt, "\n".join([text] + [f"  note: {n}" for n in report.notes]))
-
-
-@app.command("retrofit", context_settings=EXTRA, epilog=_options_help())
+@app.command("retrofit", context_settings=PASSTHROUGH, epilog=options_epilog(TapaOptions))
 def retrofit_command(
     ctx: typer.Context,
     src: str = typer.Argument(..., help="RoPE Llama/Mistral checkpoint folder (full rotary, no sliding window)."),
@@ -56,13 +44,12 @@ def retrofit_command(
     """
     from paramdelta.optionspec import parse_flags
 
-    from .transform import TapaOptions
-
     values = parse_flags(TapaOptions, list(ctx.args), "tapa retrofit")
-    _run(src, out, {**values, "train_data": train_data}, max_shard_size, overwrite, no_progress, fmt)
+    run_and_report("tapa", src, out, {**values, "train_data": train_data}, max_shard_size=max_shard_size,
+                   overwrite=overwrite, no_progress=no_progress, fmt=fmt)
 
 
-@app.command("extend", context_settings=EXTRA, epilog=_options_help())
+@app.command("extend", context_settings=PASSTHROUGH, epilog=options_epilog(TapaOptions))
 def extend_command(
     ctx: typer.Context,
     src: str = typer.Argument(..., help="TAPA checkpoint folder (model_type llama_tapa)."),
@@ -80,11 +67,9 @@ def extend_command(
     """
     from paramdelta.optionspec import parse_flags
 
-    from .transform import TapaOptions
-
     values = {"objective": "lm", **parse_flags(TapaOptions, list(ctx.args), "tapa extend")}
-    _run(src, out, {**values, "train_data": train_data, "seq_len": seq_len}, max_shard_size, overwrite,
-         no_progress, fmt)
+    run_and_report("tapa", src, out, {**values, "train_data": train_data, "seq_len": seq_len},
+                   max_shard_size=max_shard_size, overwrite=overwrite, no_progress=no_progress, fmt=fmt)
 
 
 def register(root: typer.Typer) -> None:
