@@ -15,8 +15,10 @@ Opts(sparsity=0.7)
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
@@ -115,6 +117,29 @@ def parse_flags(cls: type, args: list[str], where: str) -> dict[str, Any]:
             i += 1
         i += 1
     return out
+
+
+LINEAR_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # a decoder layer's attention and MLP projections
+
+
+def parse_targets(targets: str | Iterable[str], who: str) -> tuple[str, ...]:
+    """`"q,k,v"` or `["q_proj", "up"]` -> `("q", "k", "v", "up")` in layer order; unknown names get "did you mean".
+
+    The `--targets` option of every plugin that picks some of a layer's linears (rsparse, galore2).
+
+    >>> parse_targets("up_proj,q", "rsparse")
+    ('q', 'up')
+    """
+    items = targets.split(",") if isinstance(targets, str) else list(targets)
+    names = [str(t).strip().removesuffix("_proj") for t in items if str(t).strip()]
+    for t in names:
+        if t not in LINEAR_TARGETS:
+            close = difflib.get_close_matches(t, LINEAR_TARGETS, n=1, cutoff=0.4)
+            raise OptionError(f"{who}: unknown target {t!r}", hint=(f"did you mean {close[0]!r}? " if close else "")
+                              + f"known: {','.join(LINEAR_TARGETS)}")
+    if not names:
+        raise OptionError(f"{who}: --targets is empty", hint=f"pass some of {','.join(LINEAR_TARGETS)}")
+    return tuple(t for t in LINEAR_TARGETS if t in names)
 
 
 def describe(cls: type) -> list[dict[str, str]]:

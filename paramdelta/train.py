@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import NonFiniteError, OptionError
-from .traindata import IGNORE, DataError, Example, make_batch, read_records, tokenize  # noqa: F401 - public here too
+from .traindata import IGNORE, DataError, Example, make_batch, read_records, tokenize  # noqa: F401 - also importable from here
 
 MIN_LR_RATIO = 0.1  # cosine and linear schedules end at this share of the peak learning rate
 

@@ -7,33 +7,21 @@ so `pdelta --help` and `pdelta galore2 apply --dry-run`-style checks stay fast).
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from paramdelta.errors import OptionError
+from paramdelta.optionspec import LINEAR_TARGETS
+from paramdelta.optionspec import parse_targets as _parse_targets
+from paramdelta.plugins import suggest
 
-TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+TARGETS = LINEAR_TARGETS
 ATTENTION = {"q", "k", "v", "o"}
 LINEAR = re.compile(r"(^|\.)layers\.\d+\.(self_attn|attention|attn|mlp|feed_forward)\.(\w+?)_proj\.weight$")
 
 
 # -- options, checked before anything heavy -----------------------------------------------------------
-def parse_targets(targets: str | Iterable[str]) -> tuple[str, ...]:
-    """"q,k,v" or ["q_proj", "up"] -> ("q", "k", "v"); unknown names get "did you mean"."""
-    items = targets.split(",") if isinstance(targets, str) else list(targets)
-    names = tuple(str(t).strip().removesuffix("_proj") for t in items if str(t).strip())
-    for t in names:
-        if t not in TARGETS:
-            close = difflib.get_close_matches(t, TARGETS, n=1, cutoff=0.4)
-            raise OptionError(f"galore2: unknown target {t!r}", hint=(f"did you mean {close[0]!r}? " if close else "")
-                              + f"known: {','.join(TARGETS)}")
-    if not names:
-        raise OptionError("galore2: targets is empty", hint=f"pass some of {','.join(TARGETS)}")
-    return tuple(t for t in TARGETS if t in names)
-
-
 def parse_betas(betas: Any) -> tuple[float, float]:
     try:
         b1, b2 = (float(b) for b in (betas.split(",") if isinstance(betas, str) else betas))
@@ -87,9 +75,8 @@ def check(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], **op
     unknown = set(options) - set(DEFAULTS)
     if unknown:
         key = sorted(unknown)[0]
-        close = difflib.get_close_matches(key, DEFAULTS, n=1)
         raise OptionError(f"optimizer 'galore2' has no option {key!r}",
-                          hint=f"did you mean {close[0]!r}?" if close else f"its options: {', '.join(DEFAULTS)}")
+                          hint=suggest(key, DEFAULTS) or f"its options: {', '.join(DEFAULTS)}")
     o = {**DEFAULTS, **options}
     check_values(rank=o["rank"], update_period=o["update_period"], scale=o["scale"], proj_bits=o["proj_bits"],
                  side=o["side"], oversample=o["oversample"], niter=o["niter"])
@@ -100,3 +87,8 @@ def check(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], **op
 DEFAULTS: dict[str, Any] = {"rank": 128, "update_period": 200, "scale": 0.25, "targets": TARGETS, "per_layer": False,
                             "proj_bits": 32, "side": "auto", "betas": (0.9, 0.999), "eps": 1e-8, "oversample": 8,
                             "niter": 2, "seed": 0}
+
+
+def parse_targets(targets: str | Iterable[str]) -> tuple[str, ...]:
+    """`targets` as the ordered short names ("q", "up", ...); see `paramdelta.optionspec.parse_targets`."""
+    return _parse_targets(targets, "galore2")

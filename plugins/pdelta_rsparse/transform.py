@@ -22,7 +22,6 @@ So `--dry-run` of a recipe step costs a calibration pass too.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +29,11 @@ from typing import Any, Literal
 
 from paramdelta.checkpoint import Checkpoint, dtype_tag
 from paramdelta.errors import CheckpointError, OptionError
+from paramdelta.optionspec import LINEAR_TARGETS, parse_targets
 from paramdelta.plugins import TransformPlan
 from paramdelta.writer import OutTensor
 
-TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+TARGETS = LINEAR_TARGETS
 ATTENTION = {"q", "k", "v", "o"}
 SUPPORTED = ("llama", "mistral", "qwen2")  # model_type values whose blocks have exactly these 7 linears
 PIECE_ELEMENTS = 1 << 22
@@ -66,15 +66,7 @@ class RSparseOptions:
             raise OptionError(f"rsparse: --rho must be in [0, 1], got {self.rho}")
         if self.samples < 1 or self.seq_len < 2:
             raise OptionError(f"rsparse: --samples must be ≥ 1 and --seq-len ≥ 2, got {self.samples}, {self.seq_len}")
-        names = tuple(t.strip().removesuffix("_proj") for t in self.targets if t.strip())
-        for t in names:
-            if t not in TARGETS:
-                close = difflib.get_close_matches(t, TARGETS, n=1, cutoff=0.4)
-                hint = (f"did you mean {close[0]!r}? " if close else "") + f"known: {','.join(TARGETS)}"
-                raise OptionError(f"rsparse: unknown target {t!r}", hint=hint)
-        if not names:
-            raise OptionError("rsparse: --targets is empty", hint=f"pass some of {','.join(TARGETS)}")
-        object.__setattr__(self, "targets", tuple(t for t in TARGETS if t in names))
+        object.__setattr__(self, "targets", parse_targets(self.targets, "rsparse"))
         if self.calibration is not None:
             object.__setattr__(self, "calibration", Path(self.calibration))
 

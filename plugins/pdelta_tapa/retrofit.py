@@ -121,11 +121,11 @@ def split_records(records: list, holdout: float) -> tuple[list, list]:
 
 
 def perplexity(model: Any, examples: list, pad_id: int, batch_size: int = 8) -> float:
-    """exp(mean next-token loss) over `examples` (paramdelta.train.Example), no gradient."""
+    """exp(mean next-token loss) over `examples` (paramdelta.traindata.Example), no gradient."""
     import torch
     import torch.nn.functional as F
 
-    from paramdelta.train import IGNORE, make_batch
+    from paramdelta.traindata import IGNORE, make_batch
 
     total, count = 0.0, 0
     was_training = model.training
@@ -158,7 +158,8 @@ def finetune(student: Any, teacher: Any | None, tokenizer: Any, data: Path, *, o
 
     from paramdelta.optim import build_optimizer
     from paramdelta.progress import progress_bar
-    from paramdelta.train import IGNORE, lr_factor, make_batch, read_records, tokenize
+    from paramdelta.train import lr_factor
+    from paramdelta.traindata import IGNORE, make_batch, read_records, tokenize
 
     start = time.perf_counter()
     train_recs, held_recs = split_records(read_records(Path(data)), holdout)
